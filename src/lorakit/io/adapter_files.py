@@ -1,0 +1,348 @@
+"""Saving and loading adapters in HF PEFT's layout, checked before the model is touched.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's tensor
+names (``base_model.model.<path>.lora_A.weight``). lorakit's own facts (the method when PEFT
+has no name for it, the base-weight fingerprint, the vocabulary size) travel in the
+safetensors header metadata, which PEFT ignores.
+
+Adapters whose update does not fit PEFT's plain form (PiSSA / gradient-SVD offsets, Delta-LoRA
+shifts of W) are exported as the exact plain LoRA of rank r + k that reproduces the trained
+model on the untouched base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.config import AdapterConfig
+from lorakit.errors import AdapterFileError, FingerprintMismatchError
+from lorakit.fingerprint import fingerprint_mismatch, weight_fingerprint
+from lorakit.io.atomic import write_atomically, write_text_atomically
+from lorakit.io.peft_config import from_peft_dict, to_peft_dict
+from lorakit.kinds import Conv1DKind, LayerKind, kind_for
+from lorakit.methods import DoRA, LoRA, VeRA
+from lorakit.model import AdaptedModel
+from lorakit.targets import matches_rules, plain_modules, resolve_targets
+
+log = logging.getLogger("lorakit")
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------
+def save_adapter(
+    model: AdaptedModel, directory: str | Path, name: str = "default", base_model_name_or_path: str | None = None
+) -> Path:
+    """Write adapter ``name`` to ``directory`` in PEFT's layout (atomically, file by file)."""
+    config = model.configs.get(name)
+    if config is None:
+        model._require(name)
+    methods = model.adapter_modules(name)
+    layers = model.layers_of(name)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, method in methods.items():
+        kind = layers[path].kind
+        key = PREFIX + path + "."
+        if isinstance(method, VeRA):
+            tensors[key + "vera_lambda_b"] = method.vera_lambda_b
+            tensors[key + "vera_lambda_d"] = method.vera_lambda_d
+            continue
+        A, B, r, alpha = _plain_lora_factors(method, config, path)
+        tensors[key + kind.peft_a_key] = kind.a_to_file(A)
+        tensors[key + kind.peft_b_key] = kind.b_to_file(B)
+        ranks[path], alphas[path] = r, alpha
+        if isinstance(method, DoRA):
+            tensors[key + "lora_magnitude_vector"] = kind.magnitude_to_file(method.lora_magnitude_vector)
+    if config.method == "vera":
+        projections = model.vera_projections[name]
+        tensors["base_model.vera_A"] = projections.vera_A
+        tensors["base_model.vera_B"] = projections.vera_B
+    saved_paths = []
+    for path, saved in model.saved_modules().items():
+        if name in saved.copies:
+            saved_paths.append(path)
+            for pname, value in saved.copies[name].state_dict().items():
+                tensors[PREFIX + path + "." + pname] = value
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+    peft = to_peft_dict(
+        config, list(methods), saved_paths, ranks, alphas,
+        uses_conv1d=any(isinstance(layer.kind, Conv1DKind) for layer in layers.values()),
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    metadata = {
+        "format": "pt",
+        "lorakit": json.dumps({
+            "version": FORMAT_VERSION,
+            "method": config.method,
+            "config": _config_to_json(config),
+            "fingerprints": {path: layer.fingerprint for path, layer in layers.items()},
+            "vocab_size": _vocab_size(model.model),
+        }),
+    }
+    directory = Path(directory)
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_text_atomically(directory / CONFIG_NAME, json.dumps(peft, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def _plain_lora_factors(
+    method: LoRA, config: AdapterConfig, path: str
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """(A, B, r, alpha) as PEFT stores them, exporting offsets and shifts as extra rank."""
+    r, alpha = config.rank_for(path), config.alpha_for(path)
+    if method.offset_A.shape[0] == 0 and method.shift_A.shape[0] == 0:
+        return method.lora_A, method.lora_B, r, alpha
+    A, B_scaled = method.exported_factors()
+    r_total = A.shape[0]
+    s = method.scaling
+    alpha_total = s * (r_total**0.5 if config.use_rslora else r_total)  # keeps s unchanged
+    return A, B_scaled / s, r_total, alpha_total
+
+
+def _config_to_json(config: AdapterConfig) -> dict[str, Any]:
+    data = asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    weight = getattr(emb, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class AdapterFile:
+    """An adapter folder read into memory and checked on its own (not yet against a model)."""
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    lorakit: dict[str, Any] | None  # lorakit's metadata; None for files written by other tools
+    source: str
+
+
+def read_adapter(directory: str | Path) -> AdapterFile:
+    """Read and parse both files; a truncated or corrupt file raises AdapterFileError."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterFileError(f"{path} does not exist; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{config_path} must hold a JSON object")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise AdapterFileError(f"{weights_path} cannot be read ({exc}); the file is corrupt or truncated") from exc
+    lorakit = json.loads(metadata["lorakit"]) if "lorakit" in metadata else None
+    config = from_peft_dict(raw, str(config_path))
+    if lorakit is not None:
+        config = _restore_lorakit_fields(config, lorakit)
+    for key, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise AdapterFileError(f"{weights_path}: tensor {key} holds NaN or Inf values")
+    return AdapterFile(config, tensors, lorakit, str(directory))
+
+
+def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any]) -> AdapterConfig:
+    """Bring back what PEFT's format cannot say (LoRA-FA's frozen A, the saved target rule)."""
+    saved = lorakit.get("config", {})
+    changes: dict[str, Any] = {}
+    if lorakit.get("method") == "lora-fa" and config.method == "lora":
+        changes["method"] = "lora-fa"
+    if "vera_seed" in saved and config.method == "vera":
+        changes["vera_seed"] = saved["vera_seed"]
+    return config.with_changes(**changes) if changes else config
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str = "default",
+    *,
+    trainable: bool = False,
+    check_fingerprint: bool = True,
+    activate: bool | None = None,
+) -> AdaptedModel:
+    """Load an adapter folder (lorakit's or PEFT's) onto ``model``; return the AdaptedModel.
+
+    Every check runs before the model changes: keys, shapes, the base fingerprint and the
+    vocabulary size. ``check_fingerprint=False`` loads onto a different base on purpose.
+    """
+    adapter = read_adapter(directory)
+    adapted = model if isinstance(model, AdaptedModel) else None
+    if adapted is not None and name in adapted.configs:
+        raise AdapterFileError(f"an adapter named {name!r} is already loaded; delete it or choose another name")
+    root = adapted.model if adapted is not None else model
+    plan = _check_against_model(root, adapter, check_fingerprint)
+
+    adapted = adapted or AdaptedModel(model)
+    adapted.add_adapter(name, adapter.config, activate=activate)
+    try:
+        _copy_tensors(adapted, name, adapter, plan)
+    except Exception:
+        adapted.delete_adapter(name)
+        raise
+    if not trainable:
+        adapted.freeze_adapter(name)
+    log.info("loaded adapter %r from %s: %d tensors onto %d modules", name, adapter.source,
+             len(adapter.tensors), len(plan.targets))
+    return adapted
+
+
+@dataclass
+class _Plan:
+    targets: list[str]
+    saved: list[str]
+
+
+def _check_against_model(root: nn.Module, adapter: AdapterFile, check_fingerprint: bool) -> _Plan:
+    config, source = adapter.config, adapter.source
+    modules = plain_modules(root)
+    try:
+        targets = resolve_targets(root, config)
+    except Exception as exc:
+        raise AdapterFileError(f"{source}: the adapter's targets do not fit this model: {exc}") from exc
+    saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
+    expected: dict[str, tuple[int, ...]] = {}
+    for path in targets:
+        kind = kind_for(modules[path])
+        expected.update(_expected_shapes(config, path, kind))
+    if config.method == "vera":
+        kinds = [kind_for(modules[p]) for p in targets]
+        expected["base_model.vera_A"] = (config.r, max(k.in_features for k in kinds))
+        expected["base_model.vera_B"] = (max(k.out_features for k in kinds), config.r)
+    for path in saved:
+        for pname, value in modules[path].state_dict().items():
+            expected[PREFIX + path + "." + pname] = tuple(value.shape)
+
+    found = adapter.tensors
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"{source}: the adapter's tensors do not match this model's modules "
+            f"({len(expected) - len(missing)} of {len(expected)} expected tensors found). "
+            + (f"Missing: {_preview(missing)}. " if missing else "")
+            + (f"Unexpected: {_preview(unexpected)}. " if unexpected else "")
+            + "Is this adapter for a different architecture?"
+        )
+    vocab_hint = _vocab_hint(root, adapter)
+    bad = [f"{k}: file {tuple(found[k].shape)}, model needs {shape}"
+           for k, shape in expected.items() if tuple(found[k].shape) != shape]
+    if bad:
+        raise AdapterFileError(f"{source}: shape mismatch: {_preview(bad)}.{vocab_hint}")
+    if check_fingerprint:
+        if vocab_hint:
+            raise FingerprintMismatchError(f"{source}:{vocab_hint} (check_fingerprint=False loads it anyway)")
+        _check_fingerprints(root, adapter, targets)
+    return _Plan(targets, saved)
+
+
+def _expected_shapes(config: AdapterConfig, path: str, kind: LayerKind) -> dict[str, tuple[int, ...]]:
+    key = PREFIX + path + "."
+    if config.method == "vera":
+        return {key + "vera_lambda_b": (kind.out_features,), key + "vera_lambda_d": (config.r,)}
+    r = config.rank_for(path)
+    meta = torch.device("meta")
+    shapes = {
+        key + kind.peft_a_key: tuple(kind.a_to_file(torch.empty(r, kind.in_features, device=meta)).shape),
+        key + kind.peft_b_key: tuple(kind.b_to_file(torch.empty(kind.out_features, r, device=meta)).shape),
+    }
+    if config.method == "dora":
+        magnitude = kind.magnitude_to_file(torch.empty(kind.out_features, device=meta))
+        shapes[key + "lora_magnitude_vector"] = tuple(magnitude.shape)
+    return shapes
+
+
+def _vocab_hint(root: nn.Module, adapter: AdapterFile) -> str:
+    trained = (adapter.lorakit or {}).get("vocab_size")
+    current = _vocab_size(root)
+    if trained is None or current is None or trained == current:
+        return ""
+    return (f" The adapter was trained with a vocabulary of {trained} tokens and this model has {current}: "
+            f"call model.resize_token_embeddings({trained}) before loading.")
+
+
+def _check_fingerprints(root: nn.Module, adapter: AdapterFile, targets: list[str]) -> None:
+    recorded = (adapter.lorakit or {}).get("fingerprints")
+    if not recorded:
+        log.info("%s has no base fingerprint (not written by lorakit); skipping that check", adapter.source)
+        return
+    from lorakit.layer import AdaptedLayer
+
+    problems = []
+    for path in targets:
+        module = root.get_submodule(path)
+        current = module.fingerprint if isinstance(module, AdaptedLayer) else weight_fingerprint(module.weight)
+        why = fingerprint_mismatch(recorded.get(path), current)
+        if why:
+            problems.append(f"{path}: {why}")
+    if problems:
+        raise FingerprintMismatchError(
+            f"{adapter.source} was trained on different base weights than this model "
+            f"({len(problems)} of {len(targets)} modules differ; first: {problems[0]}). "
+            "Load the base it was trained on, or pass check_fingerprint=False to load it anyway."
+        )
+
+
+@torch.no_grad()
+def _copy_tensors(adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: _Plan) -> None:
+    tensors = adapter.tensors
+    layers = adapted.layers_of(name)
+    for path, method in adapted.adapter_modules(name).items():
+        kind = layers[path].kind
+        key = PREFIX + path + "."
+        if isinstance(method, VeRA):
+            method.vera_lambda_b.copy_(tensors[key + "vera_lambda_b"])
+            method.vera_lambda_d.copy_(tensors[key + "vera_lambda_d"])
+            continue
+        method.lora_A.copy_(kind.a_from_file(tensors[key + kind.peft_a_key]))
+        method.lora_B.copy_(kind.b_from_file(tensors[key + kind.peft_b_key]))
+        if isinstance(method, DoRA):
+            method.lora_magnitude_vector.copy_(tensors[key + "lora_magnitude_vector"].reshape(-1))
+    if adapter.config.method == "vera":
+        projections = adapted.vera_projections[name]
+        device = projections.vera_A.device
+        projections.vera_A = tensors["base_model.vera_A"].to(device)
+        projections.vera_B = tensors["base_model.vera_B"].to(device)
+    for path, saved in adapted.saved_modules().items():
+        if name in saved.copies:
+            state = {k[len(PREFIX + path) + 1:]: v for k, v in tensors.items() if k.startswith(PREFIX + path + ".")}
+            saved.copies[name].load_state_dict(state)
+
+
+def _preview(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" … ({len(items)} in all)" if len(items) > n else "")
+
+
+__all__ = ["AdapterFile", "load_adapter", "read_adapter", "save_adapter"]

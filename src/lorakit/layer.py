@@ -1,0 +1,113 @@
+"""The wrapper that holds a frozen base layer and its named adapters.
+
+The base layer keeps its own class and parameter names (``base_layer.weight``); adapters live
+in a ``ModuleDict``. Merge bookkeeping lives here and only here: methods say what a merged
+weight is, this layer writes it, rounding once from float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lorakit.kinds import LayerKind
+from lorakit.methods.base import AdapterMethod
+
+_EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus named adapters; ``forward`` adds the active, unmerged ones."""
+
+    def __init__(self, base_layer: nn.Module, kind: LayerKind) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []  # merge order; unmerge undoes it in reverse
+        self.disabled = False
+        self.fingerprint: dict | None = None  # of the original base weight, for adapter files
+        # Half-precision weights cannot be un-merged exactly by arithmetic; keep the original.
+        self._weight_before_merge: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        for name in self.active:
+            if name not in self.merged:
+                out = self.adapters[name](x, out, self.base_layer)
+        return out
+
+    # -- adapters ----------------------------------------------------------------------------
+    def add(self, name: str, adapter: AdapterMethod) -> None:
+        self.adapters[name] = adapter.to(device=self.weight.device)
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge([name])
+        adapter = self.adapters[name]
+        shift = getattr(adapter, "shift_A", None)
+        if shift is not None and shift.shape[0] > 0:
+            self._add_to_weight(-(adapter.shift_B.float() @ adapter.shift_A.float()))
+        del self.adapters[name]
+        self.active = tuple(a for a in self.active if a != name)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    # -- merging -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: Iterable[str]) -> None:
+        """Write the named adapters into the base weight, accumulating in float32."""
+        todo = [n for n in names if n in self.adapters and n not in self.merged]
+        if not todo:
+            return
+        W_view = self.kind.weight_matrix(self.base_layer)
+        if W_view.dtype not in _EXACT_DTYPES and self._weight_before_merge is None:
+            self._weight_before_merge = self.base_layer.weight.detach().clone()
+        W = W_view.float()
+        for name in todo:
+            adapter = self.adapters[name]
+            new = adapter.merged_weight(W)
+            if not torch.isfinite(new).all():
+                raise ValueError(f"merging adapter {name!r} would write NaN/Inf into the base weight; not merged")
+            W = new
+            self.merged.append(name)
+        W_view.copy_(W)
+
+    @torch.no_grad()
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        """Take the named (default: all) merged adapters back out of the base weight."""
+        remove = set(self.merged if names is None else names) & set(self.merged)
+        if not remove:
+            return
+        keep = [n for n in self.merged if n not in remove]
+        W_view = self.kind.weight_matrix(self.base_layer)
+        if self._weight_before_merge is not None:
+            self.base_layer.weight.copy_(self._weight_before_merge)
+            self._weight_before_merge = None
+            self.merged = []
+            self.merge(keep)
+            return
+        W = W_view.float() if W_view.dtype != torch.float64 else W_view.clone()
+        # Undo in reverse order down to the first adapter to remove, then redo the kept ones.
+        first = min(self.merged.index(n) for n in remove)
+        undo = self.merged[first:]
+        for name in reversed(undo):
+            W = self.adapters[name].unmerged_weight(W)
+        self.merged = self.merged[:first]
+        W_view.copy_(W)
+        self.merge([n for n in undo if n not in remove])
+
+    @torch.no_grad()
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        W_view = self.kind.weight_matrix(self.base_layer)
+        W_view.copy_(W_view.float() + delta)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"

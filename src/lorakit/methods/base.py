@@ -1,0 +1,68 @@
+"""The protocol every adapter method follows.
+
+A method owns its tensors for one base layer and answers four questions: how it changes the
+layer output (``forward``), which low-rank factors express its update (``factors``), what
+merged weight it produces (``merged_weight``) and how a merged weight is undone
+(``unmerged_weight``). It never touches the base layer's parameters itself; the wrapping layer
+does that, so merge bookkeeping lives in one place.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lorakit.kinds import LayerKind
+
+
+class AdapterMethod(nn.Module):
+    """One named adapter on one base layer."""
+
+    method_name: ClassVar[str]
+    peft_type: ClassVar[str]  # "LORA" or "VERA"
+    additive: ClassVar[bool] = True  # merged W = W + delta; False for DoRA
+    trainable: ClassVar[tuple[str, ...]]  # names of the tensors that train
+
+    def __init__(self, kind: LayerKind, rank: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.kind = kind
+        self.rank = rank
+        self.scaling = scaling
+        self.dropout: nn.Module = (
+            nn.Dropout(dropout) if dropout > 0 and kind.supports_dropout() else nn.Identity()
+        )
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The layer output with this adapter applied, given the base layer's output."""
+        A, B = self.factors()
+        update = self.kind.up(self.kind.down(self.dropout(x), A), B)
+        return base_out + update.to(base_out.dtype)
+
+    # -- the update as factors ---------------------------------------------------------------
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with the scaling folded in, so that the additive update is exactly B @ A."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The additive update B @ A as an (out, in) float32 matrix (merging only)."""
+        A, B = self.factors()
+        return B.float() @ A.float()
+
+    # -- merging -----------------------------------------------------------------------------
+    def merged_weight(self, W: torch.Tensor) -> torch.Tensor:
+        """W' from a float32 (out, in) W. Additive methods add delta_weight()."""
+        return W + self.delta_weight()
+
+    def unmerged_weight(self, W_merged: torch.Tensor) -> torch.Tensor:
+        """Invert :meth:`merged_weight` on float32 (out, in) values."""
+        return W_merged - self.delta_weight()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in self.trainable]
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, in={self.kind.in_features}, out={self.kind.out_features}"

@@ -1,0 +1,86 @@
+"""DoRA (Liu et al. 2024, arXiv:2402.09353): weight-decomposed low-rank adaptation.
+
+    W' = m ⊙ (W + s·B A) / ||W + s·B A||      (norm of each output row; m starts at ||W||)
+
+As in the paper (section 4.3) the norm is treated as a constant in backward. The forward reuses
+the base output instead of recomputing W x:
+
+    y' = (m / n) ⊙ (y − bias + s·B A x) + bias
+
+and the row norms come from low-rank products, never from an (out, in) matrix:
+
+    ||W + s·BA||²_i = ||W_i||² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·(B (A Aᵀ) Bᵀ)_ii
+
+||W_i||² is cached while W is unchanged; the whole norm is cached while A, B and W are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.kinds import LayerKind
+from lorakit.methods.lora import LoRA
+
+
+class DoRA(LoRA):
+    method_name = "dora"
+    additive = False
+    trainable = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, kind: LayerKind, rank: int, scaling: float, dropout: float) -> None:
+        super().__init__(kind, rank, scaling, dropout)
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(kind.out_features))
+        self._w_sq_key: tuple | None = None
+        self._w_sq: torch.Tensor | None = None
+        self._norm_key: tuple | None = None
+        self._norm: torch.Tensor | None = None
+        self._merged_norm: torch.Tensor | None = None
+
+    def init_magnitude(self, base_layer: nn.Module) -> None:
+        """m = ||W + s·BA|| per output row, so the layer is unchanged at initialisation."""
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.weight_norm(base_layer))
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        kind = self.kind
+        scale = kind.channel((self.lora_magnitude_vector / self.weight_norm(base_layer)).to(base_out.dtype))
+        bias = kind.bias(base_layer)
+        update = self.update(x).to(base_out.dtype)
+        if bias is None:
+            return scale * (base_out + update)
+        return scale * (base_out - bias + update) + bias
+
+    @torch.no_grad()
+    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """||W + s·BA|| per output row in float32, detached (a constant in backward)."""
+        W = self.kind.weight_matrix(base_layer)
+        key = (W.data_ptr(), W._version, self.lora_A._version, self.lora_B._version, self.scaling)
+        if key == self._norm_key and self._norm is not None and self._norm.device == W.device:
+            return self._norm
+        A, B = self.lora_A.float(), self.lora_B.float() * self.scaling
+        WAt = (W @ A.t().to(W.dtype)).float()  # (out, r)
+        sq = self._row_sq_norms(W) + 2.0 * (B * WAt).sum(1) + ((B @ (A @ A.t())) * B).sum(1)
+        self._norm = sq.clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+        self._norm_key = key
+        return self._norm
+
+    def _row_sq_norms(self, W: torch.Tensor) -> torch.Tensor:
+        key = (W.data_ptr(), W._version, W.device)
+        if key != self._w_sq_key or self._w_sq is None:
+            self._w_sq = W.float().pow(2).sum(1) if W.dtype != torch.float32 else W.pow(2).sum(1)
+            self._w_sq_key = key
+        return self._w_sq
+
+    def merged_weight(self, W: torch.Tensor) -> torch.Tensor:
+        combined = W + self.delta_weight()
+        norm = combined.norm(dim=1)
+        self._merged_norm = norm
+        return combined * (self.lora_magnitude_vector.detach().float() / norm).unsqueeze(1)
+
+    def unmerged_weight(self, W_merged: torch.Tensor) -> torch.Tensor:
+        if self._merged_norm is None:
+            raise RuntimeError("DoRA unmerge needs the norm recorded at merge time; merge first")
+        ratio = (self._merged_norm / self.lora_magnitude_vector.detach().float()).unsqueeze(1)
+        self._merged_norm = None
+        return W_merged * ratio - self.delta_weight()

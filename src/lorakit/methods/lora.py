@@ -1,0 +1,80 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) and LoRA-FA (Zhang et al. 2023, arXiv:2308.03303).
+
+    h = W x + s · B A x,   A (r, in), B (out, r), s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+Two optional frozen low-rank terms describe weights that moved away from the original base,
+so that nothing lorakit does leaves the base changed for other adapters (DESIGN.md):
+
+- ``offset``: part of the forward. PiSSA / gradient-SVD inits subtract their initial update
+  here (h = W x + s·B A x − s·B0 A0 x) instead of editing W, so the model is unchanged at
+  step 0 and W stays the original.
+- ``shift``: already inside the base weight in memory (Delta-LoRA moves W during training).
+  It is not applied in the forward; it is added when exporting and removed on deletion.
+
+Exported, the total change from the original base is one plain LoRA of rank r + k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lorakit.kinds import LayerKind
+from lorakit.methods.base import AdapterMethod
+
+
+class LoRA(AdapterMethod):
+    method_name = "lora"
+    peft_type = "LORA"
+    trainable = ("lora_A", "lora_B")
+
+    def __init__(self, kind: LayerKind, rank: int, scaling: float, dropout: float) -> None:
+        super().__init__(kind, rank, scaling, dropout)
+        self.lora_A = nn.Parameter(torch.empty(rank, kind.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(kind.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # Frozen terms; empty (rank 0) unless an init or a training rule sets them.
+        self.register_buffer("offset_A", torch.zeros(0, kind.in_features))
+        self.register_buffer("offset_B", torch.zeros(kind.out_features, 0))
+        self.register_buffer("shift_A", torch.zeros(0, kind.in_features))
+        self.register_buffer("shift_B", torch.zeros(kind.out_features, 0))
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return base_out + self.update(x).to(base_out.dtype)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """s · B A x (plus the frozen offset), never forming an (out, in) matrix."""
+        kind = self.kind
+        A, B = self.factors()
+        return kind.up(kind.down(self.dropout(x), A), B)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B = self.lora_B * self.scaling
+        if self.offset_A.shape[0] == 0:
+            return self.lora_A, B
+        return torch.cat([self.lora_A, self.offset_A]), torch.cat([B, self.offset_B], dim=1)
+
+    def exported_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of the whole change from the original base weight (offset and shift included)."""
+        A, B = self.factors()
+        if self.shift_A.shape[0] == 0:
+            return A.detach(), B.detach()
+        return torch.cat([A, self.shift_A]).detach(), torch.cat([B, self.shift_B], dim=1).detach()
+
+    def set_offset(self, A0: torch.Tensor, B0_scaled: torch.Tensor) -> None:
+        """Make the forward subtract B0_scaled @ A0 (the initial update), keeping W untouched."""
+        self.offset_A = A0.detach().to(self.lora_A).clone()
+        self.offset_B = (-B0_scaled).detach().to(self.lora_A).clone()
+
+
+class LoRAFA(LoRA):
+    """LoRA-FA: A is frozen after initialisation, only B trains (halves activation memory for A)."""
+
+    method_name = "lora-fa"
+    trainable = ("lora_B",)
+
+    def __init__(self, kind: LayerKind, rank: int, scaling: float, dropout: float) -> None:
+        super().__init__(kind, rank, scaling, dropout)
+        self.lora_A.requires_grad_(False)

@@ -1,0 +1,326 @@
+"""A model carrying named adapters: add, activate, delete, merge, unload.
+
+``adapt(model, config)`` wraps the chosen layers of the user's model in place (the model's own
+class is untouched) and returns an :class:`AdaptedModel` that owns the adapter bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.config import AdapterConfig
+from lorakit.errors import AdapterNotFoundError, ConfigError
+from lorakit.fingerprint import weight_fingerprint
+from lorakit.kinds import kind_for
+from lorakit.layer import AdaptedLayer
+from lorakit.methods import METHODS, DoRA, VeRA, VeraProjections
+from lorakit.methods.base import AdapterMethod
+from lorakit.saved_modules import SavedModule
+from lorakit.targets import matches_rules, plain_modules, resolve_targets
+
+LossFn = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    method: str
+    rank: int
+    modules: int
+    trainable_params: int
+    active: bool
+    merged: bool
+
+
+class AdaptedModel(nn.Module):
+    """The user's model plus lorakit's adapters. Call it as you would call the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active: tuple[str, ...] = ()
+        self.vera_projections = nn.ModuleDict()
+        self.frozen: set[str] = set()  # adapters loaded for inference: never trainable
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    # -- calling -----------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    # -- the layers lorakit added ------------------------------------------------------------
+    def adapted_layers(self) -> dict[str, AdaptedLayer]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, AdaptedLayer)}
+
+    def saved_modules(self) -> dict[str, SavedModule]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SavedModule)}
+
+    def layers_of(self, name: str) -> dict[str, AdaptedLayer]:
+        self._require(name)
+        return {n: layer for n, layer in self.adapted_layers().items() if name in layer.adapters}
+
+    def adapter_modules(self, name: str) -> dict[str, AdapterMethod]:
+        """Module path → this adapter's method instance on that module."""
+        return {n: layer.adapters[name] for n, layer in self.layers_of(name).items()}
+
+    # -- adding and removing -----------------------------------------------------------------
+    def add_adapter(
+        self,
+        name: str,
+        config: AdapterConfig,
+        *,
+        gradient_loss: LossFn | None = None,
+        activate: bool | None = None,
+    ) -> None:
+        """Attach a new adapter. ``gradient_loss`` is required by the gradient-SVD init.
+
+        The first adapter becomes active; later ones become active when ``activate`` is True.
+        """
+        from lorakit.inits import initialise
+
+        if not name or "." in name:
+            raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
+        if name in self.configs:
+            raise ConfigError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+        if config.init == "gradient-svd" and gradient_loss is None:
+            raise ConfigError("init 'gradient-svd' needs gradient_loss: a callable returning a loss on a few batches")
+        paths = resolve_targets(self.model, config)
+        modules = plain_modules(self.model)
+        saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
+        if config.modules_to_save and not saved:
+            raise ConfigError(f"modules_to_save {list(config.modules_to_save)} matched no module of the model")
+        projections = self._vera_projections(name, config, [modules[p] for p in paths])
+        for path in paths:
+            layer = self._wrap(path)
+            adapter = build_method(config, path, layer, projections)
+            layer.add(name, adapter)
+        for path in saved:
+            self._wrap_saved(path).add(name)
+        self.configs[name] = config
+        initialise(self, name, config, gradient_loss)
+        if activate or (activate is None and not self.active):
+            self.set_active(*self.active, name)
+        else:
+            self._sync_trainable()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter everywhere and free its tensors (base weights are restored)."""
+        self._require(name)
+        for layer in self.layers_of(name).values():
+            layer.remove(name)
+        for saved in self.saved_modules().values():
+            if name in saved.copies:
+                saved.remove(name)
+        if name in self.vera_projections:
+            del self.vera_projections[name]
+        del self.configs[name]
+        self.frozen.discard(name)
+        self.set_active(*(a for a in self.active if a != name))
+
+    # -- which adapters run ------------------------------------------------------------------
+    def set_active(self, *names: str) -> None:
+        """Exactly these adapters run (their updates add up); their tensors become trainable."""
+        for n in names:
+            self._require(n)
+        self.active = tuple(dict.fromkeys(names))
+        for layer in self.adapted_layers().values():
+            layer.active = tuple(n for n in self.active if n in layer.adapters)
+        for saved in self.saved_modules().values():
+            saved.set_active(self.active)
+        self._sync_trainable()
+
+    def activate(self, name: str) -> None:
+        self.set_active(*self.active, name)
+
+    def deactivate(self, name: str) -> None:
+        self._require(name)
+        self.set_active(*(a for a in self.active if a != name))
+
+    def freeze_adapter(self, name: str, frozen: bool = True) -> None:
+        """Mark an adapter inference-only (no tensor requires grad), or trainable again."""
+        self._require(name)
+        (self.frozen.add if frozen else self.frozen.discard)(name)
+        self._sync_trainable()
+
+    @contextlib.contextmanager
+    def base_only(self) -> Iterator[nn.Module]:
+        """Run the bare base model inside the block (merged adapters are taken out and put back)."""
+        layers = self.adapted_layers()
+        saved = self.saved_modules()
+        merged = {path: list(layer.merged) for path, layer in layers.items()}
+        for layer in layers.values():
+            layer.unmerge()
+            layer.disabled = True
+        for module in saved.values():
+            module.disabled = True
+        try:
+            yield self.model
+        finally:
+            for path, layer in layers.items():
+                layer.disabled = False
+                layer.merge(merged[path])
+            for module in saved.values():
+                module.disabled = False
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        infos = []
+        for name, config in self.configs.items():
+            layers = self.layers_of(name)
+            params = sum(
+                p.numel()
+                for p in self._adapter_parameters(name)
+            )
+            infos.append(
+                AdapterInfo(
+                    name=name, method=config.method, rank=config.r, modules=len(layers),
+                    trainable_params=params, active=name in self.active,
+                    merged=any(name in layer.merged for layer in layers.values()),
+                )
+            )
+        return infos
+
+    # -- merging -----------------------------------------------------------------------------
+    def merge(self, names: list[str] | None = None) -> None:
+        """Write adapters (default: the active ones) into the base weights, exactly reversibly."""
+        names = list(self.active if names is None else names)
+        for n in names:
+            self._require(n)
+        for layer in self.adapted_layers().values():
+            layer.merge(names)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        for layer in self.adapted_layers().values():
+            layer.unmerge(names)
+
+    def merge_and_unload(self, names: list[str] | None = None) -> nn.Module:
+        """Merge, then return the user's model with every lorakit module removed.
+
+        Trainable copies (modules_to_save) of the first merged adapter replace the originals.
+        The AdaptedModel is empty afterwards.
+        """
+        names = list(self.active if names is None else names)
+        self.merge(names)
+        for path, layer in self.adapted_layers().items():
+            _set_module(self.model, path, layer.base_layer)
+        for path, saved in self.saved_modules().items():
+            chosen = next((saved.copies[n] for n in names if n in saved.copies), saved.original)
+            _set_module(self.model, path, chosen)
+        self.configs.clear()
+        self.active = ()
+        self.vera_projections = nn.ModuleDict()
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging and return the bare base model."""
+        for name in list(self.configs):
+            self.delete_adapter(name)
+        for path, layer in self.adapted_layers().items():
+            _set_module(self.model, path, layer.base_layer)
+        for path, saved in self.saved_modules().items():
+            _set_module(self.model, path, saved.original)
+        return self.model
+
+    # -- reports -----------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_summary(self) -> str:
+        from lorakit.report import summary_line
+
+        return summary_line(self)
+
+    def print_trainable_parameters(self) -> None:
+        print(self.parameter_summary())
+
+    # -- internals ---------------------------------------------------------------------------
+    def _require(self, name: str) -> None:
+        if name not in self.configs:
+            known = ", ".join(self.configs) or "none"
+            raise AdapterNotFoundError(f"no adapter named {name!r} on this model (loaded: {known})")
+
+    def _adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = [p for m in self.adapter_modules(name).values() for p in m.parameters(recurse=False)]
+        params += [p for s in self.saved_modules().values() if name in s.copies for p in s.copies[name].parameters()]
+        return params
+
+    def _sync_trainable(self) -> None:
+        """Active adapters' own trainable tensors require grad; everything else is frozen."""
+        for name in self.configs:
+            on = name in self.active and name not in self.frozen
+            for module in self.adapter_modules(name).values():
+                for pname, p in module.named_parameters(recurse=False):
+                    p.requires_grad_(on and pname in module.trainable)
+            for saved in self.saved_modules().values():
+                if name in saved.copies:
+                    for p in saved.copies[name].parameters():
+                        p.requires_grad_(on)
+
+    def _wrap(self, path: str) -> AdaptedLayer:
+        current = self.model.get_submodule(path)
+        if isinstance(current, AdaptedLayer):
+            return current
+        kind = kind_for(current)
+        if kind is None:  # resolve_targets only returns adaptable modules
+            raise ConfigError(f"module {path!r} ({type(current).__name__}) cannot be adapted")
+        layer = AdaptedLayer(current, kind)
+        layer.fingerprint = weight_fingerprint(current.weight)
+        _set_module(self.model, path, layer)
+        return layer
+
+    def _wrap_saved(self, path: str) -> SavedModule:
+        current = self.model.get_submodule(path)
+        if isinstance(current, SavedModule):
+            return current
+        saved = SavedModule(current)
+        _set_module(self.model, path, saved)
+        return saved
+
+    def _vera_projections(self, name: str, config: AdapterConfig, bases: list[nn.Module]) -> VeraProjections | None:
+        if config.method != "vera":
+            return None
+        kinds = [kind_for(b) for b in bases]
+        in_max = max(k.in_features for k in kinds)
+        out_max = max(k.out_features for k in kinds)
+        projections = VeraProjections(config.r, in_max, out_max, config.vera_seed)
+        projections.to(device=bases[0].weight.device)
+        self.vera_projections[name] = projections
+        return projections
+
+
+def build_method(
+    config: AdapterConfig, path: str, layer: AdaptedLayer, projections: VeraProjections | None
+) -> AdapterMethod:
+    """One method instance for one module, with the module's own rank and scaling."""
+    cls = METHODS[config.method]
+    rank = config.rank_for(path)
+    s = config.scaling_for(path)
+    if cls is VeRA:
+        assert projections is not None
+        return VeRA(layer.kind, config.r, s, config.dropout, projections, config.vera_d_initial)
+    method = cls(layer.kind, rank, s, config.dropout)
+    method.to(device=layer.weight.device)
+    if isinstance(method, DoRA):
+        method.init_magnitude(layer.base_layer)
+    return method
+
+
+def adapt(model: nn.Module, config: AdapterConfig | None = None, name: str = "default", **kwargs) -> AdaptedModel:
+    """Freeze ``model``, attach adapter ``name`` and return the AdaptedModel that carries it."""
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    adapted.add_adapter(name, config or AdapterConfig(), **kwargs)
+    return adapted
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
