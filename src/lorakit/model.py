@@ -47,6 +47,10 @@ class AdaptedModel(nn.Module):
         self.active: tuple[str, ...] = ()
         self.vera_projections = nn.ModuleDict()
         self.frozen: set[str] = set()  # adapters loaded for inference: never trainable
+        # Registries of the wrappers lorakit inserted, so no operation walks every module
+        # (that would grow with the number of adapters loaded).
+        self._layers: dict[str, AdaptedLayer] = {}
+        self._saved: dict[str, SavedModule] = {}
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -59,10 +63,10 @@ class AdaptedModel(nn.Module):
 
     # -- the layers lorakit added ------------------------------------------------------------
     def adapted_layers(self) -> dict[str, AdaptedLayer]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, AdaptedLayer)}
+        return dict(self._layers)
 
     def saved_modules(self) -> dict[str, SavedModule]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, SavedModule)}
+        return dict(self._saved)
 
     def layers_of(self, name: str) -> dict[str, AdaptedLayer]:
         self._require(name)
@@ -110,7 +114,7 @@ class AdaptedModel(nn.Module):
         if activate or (activate is None and not self.active):
             self.set_active(*self.active, name)
         else:
-            self._sync_trainable()
+            self._sync_trainable({name})
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter everywhere and free its tensors (base weights are restored)."""
@@ -131,12 +135,13 @@ class AdaptedModel(nn.Module):
         """Exactly these adapters run (their updates add up); their tensors become trainable."""
         for n in names:
             self._require(n)
+        changed = set(self.active) ^ set(names)
         self.active = tuple(dict.fromkeys(names))
-        for layer in self.adapted_layers().values():
+        for layer in self._layers.values():
             layer.active = tuple(n for n in self.active if n in layer.adapters)
-        for saved in self.saved_modules().values():
+        for saved in self._saved.values():
             saved.set_active(self.active)
-        self._sync_trainable()
+        self._sync_trainable(changed)
 
     def activate(self, name: str) -> None:
         self.set_active(*self.active, name)
@@ -149,7 +154,7 @@ class AdaptedModel(nn.Module):
         """Mark an adapter inference-only (no tensor requires grad), or trainable again."""
         self._require(name)
         (self.frozen.add if frozen else self.frozen.discard)(name)
-        self._sync_trainable()
+        self._sync_trainable({name})
 
     @contextlib.contextmanager
     def base_only(self) -> Iterator[nn.Module]:
@@ -209,11 +214,12 @@ class AdaptedModel(nn.Module):
         """
         names = list(self.active if names is None else names)
         self.merge(names)
-        for path, layer in self.adapted_layers().items():
+        for path, layer in self._layers.items():
             _set_module(self.model, path, layer.base_layer)
-        for path, saved in self.saved_modules().items():
+        for path, saved in self._saved.items():
             chosen = next((saved.copies[n] for n in names if n in saved.copies), saved.original)
             _set_module(self.model, path, chosen)
+        self._layers, self._saved = {}, {}
         self.configs.clear()
         self.active = ()
         self.vera_projections = nn.ModuleDict()
@@ -223,10 +229,11 @@ class AdaptedModel(nn.Module):
         """Remove all adapters without merging and return the bare base model."""
         for name in list(self.configs):
             self.delete_adapter(name)
-        for path, layer in self.adapted_layers().items():
+        for path, layer in self._layers.items():
             _set_module(self.model, path, layer.base_layer)
-        for path, saved in self.saved_modules().items():
+        for path, saved in self._saved.items():
             _set_module(self.model, path, saved.original)
+        self._layers, self._saved = {}, {}
         return self.model
 
     # -- reports -----------------------------------------------------------------------------
@@ -252,9 +259,9 @@ class AdaptedModel(nn.Module):
         params += [p for s in self.saved_modules().values() if name in s.copies for p in s.copies[name].parameters()]
         return params
 
-    def _sync_trainable(self) -> None:
+    def _sync_trainable(self, names: set[str]) -> None:
         """Active adapters' own trainable tensors require grad; everything else is frozen."""
-        for name in self.configs:
+        for name in names & set(self.configs):
             on = name in self.active and name not in self.frozen
             for module in self.adapter_modules(name).values():
                 for pname, p in module.named_parameters(recurse=False):
@@ -274,6 +281,7 @@ class AdaptedModel(nn.Module):
         layer = AdaptedLayer(current, kind)
         layer.fingerprint = weight_fingerprint(current.weight)
         _set_module(self.model, path, layer)
+        self._layers[path] = layer
         return layer
 
     def _wrap_saved(self, path: str) -> SavedModule:
@@ -282,6 +290,7 @@ class AdaptedModel(nn.Module):
             return current
         saved = SavedModule(current)
         _set_module(self.model, path, saved)
+        self._saved[path] = saved
         return saved
 
     def _vera_projections(self, name: str, config: AdapterConfig, bases: list[nn.Module]) -> VeraProjections | None:

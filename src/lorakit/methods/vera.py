@@ -62,11 +62,3 @@ class VeRA(AdapterMethod):
         A = self.projections.vera_A[:, : self.kind.in_features]
         B = self.projections.vera_B[: self.kind.out_features, :]
         return self.vera_lambda_d.unsqueeze(1) * A, self.vera_lambda_b.unsqueeze(1) * B
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        kind = self.kind
-        A = self.projections.vera_A[:, : kind.in_features]
-        B = self.projections.vera_B[: kind.out_features, :]
-        h = kind.down(self.dropout(x), A) * self.vera_lambda_d.to(x.dtype)
-        out = kind.up(h, B) * kind.channel(self.vera_lambda_b).to(h.dtype)
-        return base_out + out.to(base_out.dtype)

@@ -1,0 +1,45 @@
+"""Each method's formula written out independently, in float64, from the papers.
+
+Nothing here imports lorakit's maths: these are the yardsticks the implementation is held to.
+All weights are in the linear convention W (out, in); x is (tokens, in).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def lora(x, W, bias, A, B, s):
+    """h = W x + b + s · B A x  (Hu et al. 2021, eq. 3)."""
+    x, W, A, B = map(f64, (x, W, A, B))
+    h = x @ W.T + s * (x @ A.T) @ B.T
+    return h if bias is None else h + f64(bias)
+
+
+def dora_weight(W, A, B, s, m):
+    """W' = m ⊙ (W + s·BA) / ||W + s·BA||, norm over each output row (Liu et al. 2024, eq. 5)."""
+    V = f64(W) + s * f64(B) @ f64(A)
+    return f64(m).unsqueeze(1) * V / V.norm(dim=1, keepdim=True)
+
+
+def dora(x, W, bias, A, B, s, m):
+    h = f64(x) @ dora_weight(W, A, B, s, m).T
+    return h if bias is None else h + f64(bias)
+
+
+def vera(x, W, bias, A_shared, B_shared, d, b):
+    """h = W x + b ⊙ (B (d ⊙ (A x))) with A, B sliced from the shared pair (Kopiczko et al. 2024)."""
+    out, inp = W.shape
+    A, B = f64(A_shared)[:, :inp], f64(B_shared)[:out, :]
+    h = f64(x) @ f64(W).T + f64(b) * (((f64(x) @ A.T) * f64(d)) @ B.T)
+    return h if bias is None else h + f64(bias)
+
+
+def rank_r_svd(M, r):
+    """The best rank-r approximation of M (Eckart–Young)."""
+    U, S, Vh = torch.linalg.svd(f64(M), full_matrices=False)
+    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
