@@ -65,12 +65,14 @@ def init_pissa(method: LoRA, W: torch.Tensor) -> None:
 
 @torch.no_grad()
 def init_from_gradient(method: LoRA, grad: torch.Tensor) -> None:
-    """A = √(S/S₁)·Vᵀ_r, B = U_r·√(S/S₁) from the gradient's top singular triplets.
+    """A = √(S/S₁)·Vᵀ_r, B = U_r·√(S/S₁) from the top singular triplets of −dL/dW.
 
-    One SGD step on B then changes W by −lr·s²·U_r S_r √(S/S₁) V_rᵀ: along the truncated
-    gradient, where a random A only sees a random r-dimensional slice of it.
+    The factors span the subspaces the truncated gradient lives in, so the first steps move W
+    along it (a random A only sees a random r-dimensional slice of it). Taking the SVD of the
+    descent direction −G rather than G matters: the initial product B A then has the sign the
+    update needs, so training grows it instead of dragging it through the saddle at B A = 0.
     """
-    U, S, Vh = top_singular_triplets(grad.float(), method.rank)
+    U, S, Vh = top_singular_triplets(-grad.float(), method.rank)
     weights = (S / S[0].clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
     method.lora_A.copy_(weights.unsqueeze(1) * Vh)
     method.lora_B.copy_(U * weights)
