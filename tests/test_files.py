@@ -1,0 +1,163 @@
+"""Adapter files: bad input is refused before the model changes, writes are atomic."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from model_zoo import tiny_llama
+from safetensors.torch import load_file, save_file
+from test_methods import randomise
+from torch import nn
+
+import lorakit
+from lorakit.io import adapter_files
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    return tiny_llama(layers=2)
+
+
+@pytest.fixture
+def saved(base, tmp_path):
+    am = lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomise(am)
+    lorakit.save_adapter(am, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def snapshot(model: nn.Module):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_untouched(model: nn.Module, before) -> None:
+    state, types = before
+    assert [type(m) for m in model.modules()] == types, "modules were wrapped or replaced"
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+
+
+def refuse(base, directory, match: str, error=lorakit.AdapterFileError, **kwargs):
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        lorakit.load_adapter(model, directory, **kwargs)
+    assert_untouched(model, before)
+
+
+def test_truncated_weights_are_refused(base, saved):
+    path = saved / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    refuse(base, saved, "corrupt or truncated")
+
+
+def test_garbage_weights_are_refused(base, saved):
+    (saved / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    refuse(base, saved, "corrupt or truncated")
+
+
+def test_corrupt_config_is_refused(base, saved):
+    (saved / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4,')
+    refuse(base, saved, "not valid JSON")
+
+
+def test_missing_key_is_named(base, saved):
+    path = saved / "adapter_model.safetensors"
+    tensors = load_file(path)
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(tensors, path)
+    refuse(base, saved, r"Missing: base_model\.model\.model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight")
+
+
+def test_unexpected_key_is_named(base, saved):
+    path = saved / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 64)
+    save_file(tensors, path)
+    refuse(base, saved, "Unexpected: .*up_proj")
+
+
+def test_shape_mismatch_is_refused(base, saved):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config["r"] = 8
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    refuse(base, saved, r"shape mismatch: .*lora_A\.weight: file \(4, 64\), model needs \(8, 64\)")
+
+
+def test_nan_weights_are_refused(base, saved):
+    path = saved / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][0, 0] = float("nan")
+    save_file(tensors, path)
+    refuse(base, saved, "NaN")
+
+
+def test_names_matching_nothing_are_an_error_not_a_silent_base(base, saved):
+    """PITFALLS: an adapter whose module names match nothing must not load as the bare base."""
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config["target_modules"] = ["query", "value"]  # a BERT adapter's names on a Llama
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    refuse(base, saved, "do not fit this model")
+
+
+def test_different_base_is_refused_unless_overridden(saved):
+    other = tiny_llama(layers=2, seed=1)  # same shapes, other weights
+    refuse(other, saved, "different base weights", error=lorakit.FingerprintMismatchError)
+    loaded = lorakit.load_adapter(copy.deepcopy(other), saved, check_fingerprint=False)
+    assert len(loaded.adapter_modules("default")) == 4
+
+
+def test_fingerprint_accepts_the_same_base_in_bfloat16(base, saved):
+    lorakit.load_adapter(copy.deepcopy(base).to(torch.bfloat16), saved)
+
+
+def test_vocabulary_change_says_what_to_resize(base, saved):
+    bigger = copy.deepcopy(base)
+    bigger.resize_token_embeddings(130)
+    refuse(bigger, saved, r"resize_token_embeddings\(128\)", error=lorakit.FingerprintMismatchError)
+
+
+def test_unknown_config_keys(base, saved, caplog):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config["some_future_option"] = None  # at its default: ignored with a note
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    with caplog.at_level("INFO", logger="lorakit"):
+        lorakit.load_adapter(copy.deepcopy(base), saved)
+    assert "some_future_option" in caplog.text
+    config["some_future_option"] = 3  # a value that would change the result: refused
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    refuse(base, saved, "some_future_option=3")
+
+
+def test_load_reports_what_was_applied(base, saved, caplog):
+    with caplog.at_level("INFO", logger="lorakit"):
+        lorakit.load_adapter(copy.deepcopy(base), saved)
+    assert "8 tensors onto 4 modules" in caplog.text
+
+
+def test_failed_write_leaves_previous_file_intact(base, saved, monkeypatch):
+    original = (saved / "adapter_model.safetensors").read_bytes()
+    am = lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    def broken_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_files, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        lorakit.save_adapter(am, saved)
+    assert (saved / "adapter_model.safetensors").read_bytes() == original
+    assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_loading_twice_under_one_name_is_refused(base, saved):
+    am = lorakit.load_adapter(copy.deepcopy(base), saved, name="x")
+    with pytest.raises(lorakit.AdapterFileError, match="already loaded"):
+        lorakit.load_adapter(am, saved, name="x")
+    lorakit.load_adapter(am, saved, name="y")
+    assert [i.name for i in am.list_adapters()] == ["x", "y"]
