@@ -1,0 +1,113 @@
+"""Tokenised examples and the deterministic order they are visited in.
+
+Order is a pure function of (seed, epoch), so a resumed run visits exactly the batches an
+uninterrupted run would, and every distributed rank knows the whole global batch of a step
+(which lets the loss be normalised by the global count without communication).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.train.data import ClassifyData, DataError, LMExample
+
+IGNORE = -100  # label id that the loss skips
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int] | int  # per-token labels (causal LM) or one class id
+
+
+def encode_text(tokenizer, text: str, max_length: int, special: bool = True) -> list[int]:
+    if _is_hf(tokenizer):
+        ids = tokenizer(text, add_special_tokens=special, truncation=True, max_length=max_length)["input_ids"]
+        return list(ids)
+    return tokenizer.encode(text)[:max_length]
+
+
+def _is_hf(tokenizer) -> bool:
+    return type(tokenizer).__module__.startswith("transformers")
+
+
+def encode_classification(data: ClassifyData, tokenizer, max_length: int) -> list[Encoded]:
+    return [Encoded(encode_text(tokenizer, t, max_length), label) for t, label in zip(data.texts, data.labels,
+                                                                                        strict=True)]
+
+
+def encode_lm(examples: Sequence[LMExample], tokenizer, max_length: int, source: str) -> list[Encoded]:
+    """Prompt tokens carry no loss; completion tokens (and the end-of-sequence token) do."""
+    encoded = []
+    for ex in examples:
+        prompt = encode_text(tokenizer, ex.prompt, max_length, special=True) if ex.prompt else _bos(tokenizer)
+        answer = [*encode_text(tokenizer, ex.completion, max_length, special=False), tokenizer.eos_token_id]
+        ids = (prompt + answer)[:max_length]
+        labels = ([IGNORE] * len(prompt) + answer)[:max_length]
+        if all(label == IGNORE for label in labels[1:]):
+            continue  # the prompt alone fills max_length: nothing to learn from this example
+        encoded.append(Encoded(ids, labels))
+    if not encoded:
+        raise DataError(f"{source}: no example has answer tokens within max_length={max_length}")
+    return encoded
+
+
+def _bos(tokenizer) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None else []
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, attention_mask and labels."""
+    longest = max(len(i.input_ids) for i in items)
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), longest), dtype=torch.long)
+    token_labels = not isinstance(items[0].labels, int)
+    labels = torch.full((len(items), longest), IGNORE, dtype=torch.long) if token_labels else torch.empty(
+        len(items), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        mask[row, :n] = 1
+        if token_labels:
+            labels[row, :n] = torch.tensor(item.labels)
+        else:
+            labels[row] = item.labels
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_units(items: Sequence[Encoded]) -> int:
+    """What the loss averages over: examples for classification, answer tokens for a causal LM.
+
+    A causal LM predicts token t+1 from token t, so the first label of each row is never used.
+    """
+    if isinstance(items[0].labels, int):
+        return len(items)
+    return sum(sum(1 for label in i.labels[1:] if label != IGNORE) for i in items)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Example indices of optimizer step ``step`` (0-based); the last batch of an epoch may be short."""
+    per_epoch = steps_per_epoch(n, batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def split_for(indices: list[int], accumulation: int, rank: int, world: int) -> list[list[int]]:
+    """Micro-batches of this rank: the step batch cut into ``accumulation`` chunks, each strided by rank."""
+    size = -(-len(indices) // accumulation)
+    chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [chunk[rank::world] for chunk in chunks]

@@ -1,0 +1,156 @@
+"""Training settings: one dataclass, filled from a YAML file and/or command-line flags.
+
+Kept apart from :class:`lorakit.AdapterConfig` on purpose: the adapter config is what a loader
+needs to rebuild the forward pass; everything here only matters while training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+TASKS = ("classify", "causal-lm")
+TRAIN_METHODS = ("lora", "lora-fa", "vera", "dora", "delta-lora", "full", "head")
+QUANTIZE = ("none", "nf4", "int8")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "default"  # a local HF model folder, "default" (the shipped MiniLM), or "random:llama,hidden=64,..."
+    data: str = "default"  # CSV/TSV/JSONL; "default" = the shipped drug-review training set
+    eval_data: str | None = None  # held-out file; None: the default test set, or a split of --data
+    task: str = "classify"  # classify | causal-lm
+    text_column: str | None = None  # classify: guessed from text/sentence/review/... when unset
+    label_column: str | None = None  # classify: guessed from label/rating/sentiment/... when unset
+    # the adapter
+    method: str = "lora"  # lora | lora-fa | vera | dora | delta-lora | full (baseline) | head (baseline)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str = "query,value,q_proj,v_proj,c_attn"  # comma list, a regex, or all-linear
+    rslora: bool = False
+    init: str = "default"  # default | gaussian | pissa | gradient-svd
+    init_batches: int = 4  # gradient-svd: training batches whose gradient sets the factors
+    loraplus_ratio: float | None = None  # LoRA+: lr of B = ratio × lr of A (16 in the paper)
+    delta_c: float = 2.0  # Delta-LoRA update ratio c
+    delta_start: int = 500  # Delta-LoRA: W starts moving at this step
+    quantize: str = "none"  # none | nf4 | int8: the frozen base through bitsandbytes (QLoRA)
+    # the loop
+    epochs: int = 3
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    bf16: str = "auto"  # auto (on where the hardware runs it fast) | on | off
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None  # steps; None: once per epoch
+    eval_split: float = 0.1  # share of --data held out when there is no eval set
+    early_stopping: int | None = None  # stop after this many evaluations without improvement
+    save_every: int | None = None  # checkpoint interval in steps; None: at every evaluation
+    keep_last: int = 2  # checkpoints kept
+    seed: int = 0
+    out: str = "runs/train"
+    resume: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.method not in TRAIN_METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ConfigError(f"--bf16 must be auto, on or off, got {self.bf16!r}")
+        for name in ("batch_size", "grad_accum", "epochs", "rank", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("--max-steps must be at least 1")
+        if not 0 < self.eval_split < 1:
+            raise ConfigError("--eval-split must be between 0 and 1")
+
+    def target_modules(self) -> tuple[str, ...] | str:
+        """--targets as AdapterConfig wants it: all-linear, a regex, or a tuple of names."""
+        spec = self.targets.strip()
+        if spec == "all-linear":
+            return spec
+        if any(ch in spec for ch in "*()[]|\\^$+?"):
+            return spec
+        return tuple(t.strip() for t in spec.split(",") if t.strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _comment_help() -> dict[str, str]:
+    """The inline comments of TrainConfig's fields, used as --help text (one source of truth)."""
+    import inspect
+    import re
+
+    source = inspect.getsource(TrainConfig)
+    found = {}
+    for match in re.finditer(r"^\s+(\w+): [^=]+= [^#\n]+#\s*(.+)$", source, re.M):
+        found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults stay None so the YAML file can fill them."""
+    parser.add_argument("--config", help="YAML file of settings; flags override it")
+    comments = _comment_help()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        text = f"{comments.get(f.name, '')} (default: {default})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, type=_parser_for(f.type), default=None, help=text, metavar=f.name.upper())
+
+
+def _parser_for(annotation: str):
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str
+
+
+def from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """File values first, then every flag the user typed."""
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(read_yaml(args.config))
+    for f in fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return TrainConfig(**values)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    known = {f.name for f in fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {unknown}; see `lorakit train --help`")
+    return data

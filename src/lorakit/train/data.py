@@ -1,0 +1,195 @@
+"""Reading training data: CSV/TSV/JSONL rows → classification or causal-LM examples.
+
+Every problem is reported before training starts, with the file and line it came from: a
+missing column (and the columns that exist), an empty file, a malformed JSONL line, a label in
+the evaluation data that training never saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
+LABEL_COLUMNS = ("label", "labels", "rating", "sentiment", "class")
+DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"  # used when the tokenizer has no chat template
+
+
+class DataError(LorakitError, ValueError):
+    """Training or evaluation data that cannot be used as given."""
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a .csv, .tsv or .jsonl/.json file as dicts (JSONL: one object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+    elif suffix in (".csv", ".tsv"):
+        rows = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
+    if not rows:
+        raise DataError(f"{path} holds no examples")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            row["_line"] = number
+            rows.append(row)
+    return rows
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        rows = []
+        for row in reader:
+            row = {k: v for k, v in row.items() if k is not None}
+            row["_line"] = reader.line_num
+            rows.append(row)
+    return rows
+
+
+def pick_column(rows: list[dict[str, Any]], wanted: str | None, candidates: Sequence[str], what: str,
+                source: str) -> str:
+    """The named column, or the first of ``candidates`` present; a clear error otherwise."""
+    columns = [c for c in rows[0] if c != "_line"]
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{source}: no {what} column {wanted!r}; columns are: {', '.join(columns)}")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise DataError(
+        f"{source}: cannot tell which column holds the {what}; columns are: {', '.join(columns)}. "
+        f"Name it with --{what}-column."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# classification
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassifyData:
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+
+
+def classification_data(
+    rows: list[dict[str, Any]], source: str, text_column: str | None, label_column: str | None,
+    label_names: list[str] | None = None,
+) -> ClassifyData:
+    """Texts and integer labels; ``label_names`` (from training) fixes the mapping for eval data."""
+    text_col = pick_column(rows, text_column, TEXT_COLUMNS, "text", source)
+    label_col = pick_column(rows, label_column, LABEL_COLUMNS, "label", source)
+    texts, raw = [], []
+    for row in rows:
+        text, label = row.get(text_col), row.get(label_col)
+        if text is None or label is None or str(label).strip() == "":
+            raise DataError(f"{source}:{row['_line']}: missing {text_col!r} or {label_col!r}")
+        texts.append(str(text))
+        raw.append(str(label).strip())
+    if label_names is None:
+        label_names = sorted(set(raw), key=_label_sort_key)
+        if len(label_names) < 2:
+            raise DataError(f"{source}: a classifier needs at least two labels, found {label_names}")
+    index = {name: i for i, name in enumerate(label_names)}
+    unseen = sorted(set(raw) - set(index))
+    if unseen:
+        raise DataError(
+            f"{source}: labels {unseen} never appear in the training data (training labels: {label_names})"
+        )
+    return ClassifyData(texts, [index[label] for label in raw], label_names)
+
+
+def _label_sort_key(label: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# causal language modelling
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LMExample:
+    """A prompt that is context (no loss) and a completion the loss covers."""
+
+    prompt: str
+    completion: str
+
+
+def lm_examples(rows: list[dict[str, Any]], source: str, tokenizer: Any = None) -> list[LMExample]:
+    """Recognise the common JSONL shapes: text; prompt/completion; Alpaca; chat messages."""
+    examples = []
+    for row in rows:
+        where = f"{source}:{row.get('_line', '?')}"
+        if "messages" in row:
+            examples.append(_chat_example(row["messages"], where, tokenizer))
+        elif "instruction" in row and "output" in row:
+            examples.append(_alpaca_example(row))
+        elif "prompt" in row and "completion" in row:
+            examples.append(LMExample(str(row["prompt"]), str(row["completion"])))
+        elif "text" in row:
+            examples.append(LMExample("", str(row["text"])))
+        else:
+            keys = ", ".join(k for k in row if k != "_line")
+            raise DataError(
+                f"{where}: unrecognised example with keys {keys}; expected 'text', 'prompt'+'completion', "
+                "'instruction'+'output' (Alpaca) or 'messages' (chat)"
+            )
+    return examples
+
+
+def _alpaca_example(row: dict[str, Any]) -> LMExample:
+    instruction, context = str(row["instruction"]), str(row.get("input") or "")
+    prompt = f"### Instruction:\n{instruction}\n\n"
+    if context:
+        prompt += f"### Input:\n{context}\n\n"
+    return LMExample(prompt + "### Response:\n", str(row["output"]))
+
+
+def _chat_example(messages: Any, where: str, tokenizer: Any) -> LMExample:
+    """Everything up to the last assistant turn is the prompt; that turn is the completion."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: each message needs 'role' and 'content'")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's answer to train on")
+    history, answer = messages[:-1], str(messages[-1]["content"])
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError(f"{where}: the tokenizer's chat template does not extend the prompt with the answer")
+        return LMExample(prompt, full[len(prompt):])
+    prompt = "".join(DEFAULT_CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in history)
+    return LMExample(prompt + "<|assistant|>\n", answer + "\n")

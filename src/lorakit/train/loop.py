@@ -1,0 +1,314 @@
+"""The training loop: accumulation, clipping, warmup + cosine, evaluation, early stopping,
+best-checkpoint selection, exact resume, and DistributedDataParallel under torchrun.
+
+Batches are a pure function of (seed, step) and the loss of a step is normalised by the global
+number of loss units (examples or answer tokens) of that step, so one process, several
+accumulation steps or several ranks all compute the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit
+from lorakit.train import batches as B
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import Distributed
+from lorakit.train.outputs import RunOutputs
+from lorakit.train.setup import Prepared, prepare
+
+log = logging.getLogger("lorakit")
+
+
+class TrainingError(lorakit.LorakitError, RuntimeError):
+    """Training that cannot go on as configured (e.g. a tensor that never receives a gradient)."""
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of the loss over the batch's units, number of units)."""
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if labels.dim() == 1:  # classification
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=B.IGNORE,
+                           reduction="sum")
+    return loss, int((targets != B.IGNORE).sum())
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.dist = Distributed.from_env()
+        torch.manual_seed(config.seed)
+        self.prepared: Prepared = prepare(config)  # every input check happens here, before any write
+        self.outputs = RunOutputs(Path(config.out), enabled=self.dist.is_main)
+        self.outputs.check_fresh_or_resume(config.resume)
+        self.device = self.dist.device
+        self.model = self.prepared.model.to(self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise TrainingError("nothing to train: no parameter requires a gradient")
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
+        per_epoch = B.steps_per_epoch(len(self.prepared.train), config.batch_size)
+        self.total_steps = config.max_steps or config.epochs * per_epoch
+        warmup = max(1, int(config.warmup_ratio * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup))
+        self.eval_every = config.eval_every or per_epoch
+        self.save_every = config.save_every or self.eval_every
+        self.rule = None
+        if config.method == "delta-lora":
+            self.rule = lorakit.DeltaLoRA(self.prepared.adapted, c=config.delta_c, start_step=config.delta_start)
+        self.forward_model = self.dist.wrap(self.model)
+        self.autocast = _autocast(config.bf16, self.device)
+        self.metric_name = "accuracy" if config.task == "classify" else "perplexity"
+        self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "bad_evals": 0,
+                                      "metric_before": None, "train_seconds": 0.0, "examples": 0}
+        self.best_tensors: dict[str, torch.Tensor] | None = None
+
+    # -- parameters --------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict[str, Any]]:
+        config = self.config
+        if config.loraplus_ratio and self.prepared.adapted is not None:
+            return lorakit.loraplus_param_groups(self.prepared.adapted, config.lr, config.loraplus_ratio,
+                                                 config.weight_decay)
+        return [{"params": self.trainable, "lr": config.lr, "name": "all"}]
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint must hold: trainable ones, adapter buffers, and W for Delta-LoRA."""
+        keep = {}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p in self.trainable:
+            keep[names[id(p)]] = p
+        for n, b in self.model.named_buffers():
+            if ".adapters." in n:
+                keep[n] = b
+        if self.rule is not None:
+            for path, layer in self.prepared.adapted.layers_of("default").items():
+                keep[f"model.{path}.base_layer.weight"] = layer.base_layer.weight
+        return {k: v.detach().to("cpu", copy=True) for k, v in keep.items()}
+
+    def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = set(tensors) - set(self.model.state_dict())
+        if missing:
+            raise TrainingError(f"checkpoint does not fit this run: unknown tensors {sorted(missing)[:3]}")
+        named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                target = named[k]
+                if target.shape != v.shape:  # adapter buffers (shift) grow during Delta-LoRA
+                    _replace_buffer(self.model, k, v.to(self.device))
+                else:
+                    target.copy_(v)
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        resumed = self._maybe_resume()
+        self.outputs.start(config, resumed_step=self.state["step"] if resumed else None)
+        if self.state["metric_before"] is None:
+            self.state["metric_before"] = self.evaluate()
+            self.outputs.metric({"step": 0, self.metric_name: self.state["metric_before"]})
+        self._log_groups()
+        bar = self.outputs.progress(self.total_steps, self.state["step"], quiet=config.quiet or not self.dist.is_main)
+        started = time.perf_counter()
+        while self.state["step"] < self.total_steps:
+            loss = self.train_step()
+            step = self.state["step"]
+            lr = self.scheduler.get_last_lr()[-1]
+            self.outputs.metric({"step": step, "loss": loss, "lr": lr})
+            elapsed = self.state["train_seconds"] + time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{self.state['examples'] / elapsed:.1f}")
+            stop = False
+            if step % self.eval_every == 0 or step == self.total_steps:
+                stop = self._after_evaluation(self.evaluate())
+            if step % self.save_every == 0 or stop or step == self.total_steps:
+                self.state["train_seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                self._checkpoint()
+            if stop:
+                log.info("early stopping at step %d (best %s %.4f at step %d)", step, self.metric_name,
+                         self.state["best"], self.state["best_step"])
+                break
+        bar.close()
+        self.state["train_seconds"] += time.perf_counter() - started
+        return self._finish()
+
+    def train_step(self) -> float:
+        config, dist = self.config, self.dist
+        step = self.state["step"]
+        indices = B.step_indices(len(self.prepared.train), config.batch_size, config.seed, step)
+        units = B.loss_units([self.prepared.train[i] for i in indices])
+        micro = B.split_for(indices, config.grad_accum, dist.rank, dist.world)
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for k, chunk in enumerate(micro):
+            last = k == len(micro) - 1
+            sync = contextlib.nullcontext() if last else dist.no_sync(self.forward_model)
+            with sync:
+                if not chunk:  # this rank has no rows in a short final batch: still join the all-reduce
+                    zero = sum(p.sum() * 0.0 for p in self.trainable)
+                    zero.backward()
+                    continue
+                batch = {k2: v.to(self.device) for k2, v in B.collate([self.prepared.train[i] for i in chunk],
+                                                                         self.prepared.pad_id).items()}
+                with self.autocast:
+                    loss_sum, _ = batch_loss(self.forward_model, batch)
+                (loss_sum * dist.world / units).backward()
+                total += loss_sum.detach()
+        if step == 0:
+            self._check_gradients()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.rule is not None:
+            self.rule.step()
+        self.state["step"] = step + 1
+        self.state["examples"] += len(indices)
+        return dist.all_sum(total).item() / units
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        data, size = self.prepared.eval, self.config.batch_size
+        correct = loss_sum = units = 0.0
+        for start in range(0, len(data), size):
+            batch = {k: v.to(self.device) for k, v in B.collate(data[start:start + size],
+                                                               self.prepared.pad_id).items()}
+            with self.autocast:
+                if batch["labels"].dim() == 1:
+                    out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+                    units += batch["labels"].numel()
+                else:
+                    s, n = batch_loss(self.model, batch)
+                    loss_sum += s.item()
+                    units += n
+        if self.metric_name == "accuracy":
+            return correct / units
+        return math.exp(min(loss_sum / units, 50.0))
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _after_evaluation(self, value: float) -> bool:
+        """Record an evaluation; True when early stopping says stop."""
+        step = self.state["step"]
+        self.outputs.metric({"step": step, self.metric_name: value})
+        better = self.state["best"] is None or (
+            value > self.state["best"] if self.metric_name == "accuracy" else value < self.state["best"])
+        if better:
+            self.state.update(best=value, best_step=step, bad_evals=0)
+            self.best_tensors = self.trained_state()
+        else:
+            self.state["bad_evals"] += 1
+        patience = self.config.early_stopping
+        return patience is not None and self.state["bad_evals"] >= patience
+
+    def _check_gradients(self) -> None:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        missing = [names[id(p)] for p in self.trainable if p.grad is None]
+        if missing:
+            raise TrainingError(
+                f"{len(missing)} trainable tensors received no gradient in the first step (e.g. {missing[0]}); "
+                "the adapter would silently never train. Check the targets sit on the loss path."
+            )
+
+    def _log_groups(self) -> None:
+        groups = ", ".join(f"{g.get('name', i)}: lr {g['lr']:.3g} ({sum(p.numel() for p in g['params']):,d} params)"
+                           for i, g in enumerate(self.optimizer.param_groups))
+        self.outputs.say(f"optimizer groups at step {self.state['step']}: {groups}")
+
+    def _checkpoint(self) -> None:
+        payload = {
+            "trained": self.trained_state(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "state": dict(self.state), "best_tensors": self.best_tensors,
+            "rule": self.rule.state_dict() if self.rule else None, "config": self.config.to_dict(),
+        }
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.outputs.checkpoints, self.state["step"], payload, self.config.keep_last)
+        self.dist.barrier()
+
+    def _maybe_resume(self) -> bool:
+        if not self.config.resume:
+            return False
+        payload = ckpt.load_latest(self.outputs.checkpoints)
+        if payload is None:
+            self.outputs.say("--resume: no checkpoint found; starting from step 0")
+            return False
+        self.load_trained_state(payload["trained"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.state = payload["state"]
+        self.best_tensors = payload["best_tensors"]
+        if self.rule is not None and payload["rule"] is not None:
+            self.rule.load_state_dict(payload["rule"])
+        ckpt.set_rng_state(payload["rng"])
+        self.outputs.say(f"resumed from step {self.state['step']}")
+        return True
+
+    def _finish(self) -> dict[str, Any]:
+        if self.best_tensors is not None:
+            self.load_trained_state(self.best_tensors)
+        summary = {
+            "metric_name": self.metric_name,
+            "metric_before": self.state["metric_before"],
+            "metric_after": self.state["best"],
+            "best_step": self.state["best_step"],
+            "steps": self.state["step"],
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "total_params": lorakit.report.count_parameters(self.model)[1],
+            "seconds": round(self.state["train_seconds"], 2),
+            "examples_per_second": round(self.state["examples"] / max(self.state["train_seconds"], 1e-9), 2),
+            "method": self.config.method,
+        }
+        if self.dist.is_main:
+            summary["adapter_bytes"] = self.outputs.save_model(self.prepared, self.config)
+            self.outputs.finish(summary, self.metric_name)
+        self.dist.barrier()
+        self.dist.close()
+        return summary
+
+
+def _autocast(setting: str, device: torch.device):
+    use = setting == "on" or (setting == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _replace_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, value)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run one training job end to end and return its summary."""
+    return Trainer(config).run()
+
+
+def dumps(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2)

@@ -1,0 +1,105 @@
+"""What a run writes: resolved config, metrics.jsonl, curves.png, checkpoints, the adapter, summary.json.
+
+Only rank 0 writes. Nothing is written before every input has been checked, and a folder that
+holds another run is refused unless the user asks to resume it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError
+from lorakit.io.atomic import write_atomically, write_text_atomically
+from lorakit.train.config import TrainConfig
+
+
+class RunOutputs:
+    def __init__(self, folder: Path, enabled: bool) -> None:
+        self.folder = folder
+        self.enabled = enabled
+        self.checkpoints = folder / "checkpoints"
+        self.metrics_path = folder / "metrics.jsonl"
+        self.adapter_dir = folder / "adapter"
+
+    def check_fresh_or_resume(self, resume: bool) -> None:
+        if not resume and (self.checkpoints.exists() or (self.folder / "summary.json").exists()):
+            raise ConfigError(f"{self.folder} already holds a run; pass --resume to continue it, or another --out")
+
+    def start(self, config: TrainConfig, resumed_step: int | None) -> None:
+        if not self.enabled:
+            return
+        import yaml
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(self.folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if resumed_step is None:
+            self.metrics_path.write_text("")
+        else:  # drop what the interrupted run logged after its last checkpoint
+            kept = [line for line in self._lines() if json.loads(line)["step"] <= resumed_step]
+            write_text_atomically(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def _lines(self) -> list[str]:
+        if not self.metrics_path.exists():
+            return []
+        return [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def metric(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def progress(self, total: int, done: int, quiet: bool):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=done, disable=quiet, desc="train", unit="step", dynamic_ncols=True)
+
+    def save_model(self, prepared, config: TrainConfig) -> int:
+        """The adapter in PEFT's layout (or the whole model for full / head baselines); its size in bytes."""
+        import lorakit
+
+        if prepared.adapted is not None:
+            lorakit.save_adapter(prepared.adapted, self.adapter_dir,
+                                 base_model_name_or_path=None if config.model.startswith("random:") else config.model)
+            return (self.adapter_dir / "adapter_model.safetensors").stat().st_size
+        target = self.folder / "model"
+        prepared.model.save_pretrained(target)
+        return sum(p.stat().st_size for p in target.glob("*.safetensors"))
+
+    def finish(self, summary: dict[str, Any], metric_name: str) -> None:
+        write_text_atomically(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.plot(metric_name)
+        before, after = summary["metric_before"], summary["metric_after"]
+        print(
+            f"{metric_name}: {before:.4f} → {after:.4f} | trainable {summary['trainable_params']:,d} of "
+            f"{summary['total_params']:,d} | adapter {summary['adapter_bytes'] / 1024:.1f} KiB | "
+            f"{summary['seconds']:.1f} s, {summary['examples_per_second']:.1f} examples/s | {self.folder}",
+            flush=True,
+        )
+
+    def plot(self, metric_name: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = [json.loads(line) for line in self._lines()]
+        losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        metrics = [(r["step"], r[metric_name]) for r in records if metric_name in r]
+        fig, left = plt.subplots(figsize=(7, 4))
+        if losses:
+            left.plot(*zip(*losses, strict=True), color="tab:blue", lw=1, label="training loss")
+        left.set_xlabel("step")
+        left.set_ylabel("training loss", color="tab:blue")
+        if metrics:
+            right = left.twinx()
+            right.plot(*zip(*metrics, strict=True), color="tab:red", marker="o", label=f"eval {metric_name}")
+            right.set_ylabel(f"eval {metric_name}", color="tab:red")
+        fig.tight_layout()
+        write_atomically(self.folder / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)

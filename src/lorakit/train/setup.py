@@ -1,0 +1,146 @@
+"""Everything a run needs before its first step: data, tokenizer, model, adapter, optimizer.
+
+All validation happens here, before anything is written to the output folder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.train import batches as B
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import ClassifyData, DataError, classification_data, lm_examples, read_rows
+from lorakit.train.models import load_model, load_tokenizer
+
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class Prepared:
+    train: list[B.Encoded]
+    eval: list[B.Encoded]
+    label_names: list[str] | None
+    tokenizer: Any
+    model: nn.Module  # the AdaptedModel, or the plain model for full / head baselines
+    adapted: lorakit.AdaptedModel | None
+    pad_id: int
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    tokenizer = load_tokenizer(config.model)
+    train, evaluation, label_names = _data(config, tokenizer)
+    model = load_model(config.model, config.task, num_labels=len(label_names or []) or None, seed=config.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id
+    if config.quantize != "none":
+        from lorakit.quantize import quantize_model
+
+        model = quantize_model(model, config.quantize)
+    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapted = None
+    if config.method in ("full", "head"):
+        _baseline_trainable(model, config)
+    else:
+        loss_fn = _gradient_loss(config, train, pad_id) if config.init == "gradient-svd" else None
+        adapted = lorakit.adapt(model, adapter_config(config, model), gradient_loss=loss_fn)
+        model = adapted
+    return Prepared(train, evaluation, label_names, tokenizer, model, adapted, pad_id)
+
+
+def adapter_config(config: TrainConfig, model: nn.Module) -> lorakit.AdapterConfig:
+    method = "lora" if config.method == "delta-lora" else config.method
+    heads = [name for name in HEAD_NAMES if _has_module(model, name)] if config.task == "classify" else []
+    return lorakit.AdapterConfig(
+        method=method, r=config.rank, alpha=config.alpha, dropout=0.0 if config.method == "delta-lora" else
+        config.dropout, use_rslora=config.rslora, init=config.init, target_modules=config.target_modules(),
+        modules_to_save=tuple(heads),
+    )
+
+
+def _has_module(model: nn.Module, leaf: str) -> bool:
+    return any(name.split(".")[-1] == leaf for name, _ in model.named_modules())
+
+
+def _baseline_trainable(model: nn.Module, config: TrainConfig) -> None:
+    """full: every weight trains; head: only the classification head does."""
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    if config.task != "classify":
+        raise lorakit.ConfigError("--method head trains a classification head; it needs --task classify")
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(part in HEAD_NAMES for part in name.split(".")))
+
+
+def _data(config: TrainConfig, tokenizer) -> tuple[list[B.Encoded], list[B.Encoded], list[str] | None]:
+    if config.task == "classify":
+        train_data, eval_data = _classification(config)
+        return (B.encode_classification(train_data, tokenizer, config.max_length),
+                B.encode_classification(eval_data, tokenizer, config.max_length), train_data.label_names)
+    if config.data == "default":
+        raise DataError("the embedded default data is a classification set; give --data for --task causal-lm")
+    train_rows = read_rows(config.data)
+    eval_rows = read_rows(config.eval_data) if config.eval_data else None
+    if eval_rows is None:
+        train_rows, eval_rows = _split(train_rows, config)
+    train = B.encode_lm(lm_examples(train_rows, config.data, tokenizer), tokenizer, config.max_length, config.data)
+    source = config.eval_data or config.data
+    evaluation = B.encode_lm(lm_examples(eval_rows, source, tokenizer), tokenizer, config.max_length, source)
+    return train, evaluation, None
+
+
+def _classification(config: TrainConfig) -> tuple[ClassifyData, ClassifyData]:
+    if config.data == "default":
+        from lorakit.embedded import load_drug_reviews
+
+        names = ["negative", "positive"]
+        train_ex, test_ex = load_drug_reviews()
+        train = ClassifyData([e.text for e in train_ex], [e.label for e in train_ex], names)
+        if config.eval_data is None:
+            return train, ClassifyData([e.text for e in test_ex], [e.label for e in test_ex], names)
+        rows = read_rows(config.eval_data)
+        return train, classification_data(rows, config.eval_data, config.text_column, config.label_column, names)
+    rows = read_rows(config.data)
+    eval_rows = read_rows(config.eval_data) if config.eval_data else None
+    if eval_rows is None:
+        rows, eval_rows = _split(rows, config)
+    train = classification_data(rows, config.data, config.text_column, config.label_column)
+    source = config.eval_data or f"{config.data} (held-out split)"
+    return train, classification_data(eval_rows, source, config.text_column, config.label_column, train.label_names)
+
+
+def _split(rows: list[dict], config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """A fixed-seed held-out share of the training file."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    n_eval = max(1, math.floor(len(rows) * config.eval_split))
+    if len(rows) - n_eval < 1:
+        raise DataError(f"{config.data}: too few examples ({len(rows)}) to hold out an evaluation split")
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _gradient_loss(config: TrainConfig, train: list[B.Encoded], pad_id: int) -> Callable[[nn.Module], torch.Tensor]:
+    """gradient-SVD's domain gradient: the mean loss of the first ``init_batches`` training batches."""
+    from lorakit.train.loop import batch_loss
+
+    def loss_fn(model: nn.Module) -> torch.Tensor:
+        total = None
+        count = 0
+        for step in range(config.init_batches):
+            items = [train[i] for i in B.step_indices(len(train), config.batch_size, config.seed, step)]
+            loss_sum, units = batch_loss(model, B.collate(items, pad_id))
+            total = loss_sum if total is None else total + loss_sum
+            count += units
+        return total / max(count, 1)
+
+    return loss_fn
