@@ -38,6 +38,7 @@ log = logging.getLogger("lorakit")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+BASE_COPY = ".base_layer.weight"  # PEFT's copy of a targeted embedding layer's own weight
 FORMAT_VERSION = 1
 
 
@@ -84,7 +85,7 @@ def save_adapter(
     peft = to_peft_dict(
         config, list(methods), saved_paths, ranks, alphas,
         uses_conv1d=any(isinstance(layer.kind, Conv1DKind) for layer in layers.values()),
-        base_model_name_or_path=base_model_name_or_path,
+        base_model_name_or_path=base_model_name_or_path, module_names=plain_modules(model.model),
     )
     metadata = {
         "format": "pt",
@@ -244,6 +245,9 @@ def _check_against_model(root: nn.Module, adapter: AdapterFile, check_fingerprin
     for path in saved:
         for pname, value in modules[path].state_dict().items():
             expected[PREFIX + path + "." + pname] = tuple(value.shape)
+    base_copies = [path for path in targets if PREFIX + path + BASE_COPY in adapter.tensors]
+    for path in base_copies:
+        expected[PREFIX + path + BASE_COPY] = tuple(modules[path].weight.shape)
 
     found = adapter.tensors
     missing = sorted(set(expected) - set(found))
@@ -265,7 +269,33 @@ def _check_against_model(root: nn.Module, adapter: AdapterFile, check_fingerprin
         if vocab_hint:
             raise FingerprintMismatchError(f"{source}:{vocab_hint} (check_fingerprint=False loads it anyway)")
         _check_fingerprints(root, adapter, targets)
+    _check_base_copies(modules, adapter, base_copies, check_fingerprint)
     return _Plan(targets, saved)
+
+
+def _check_base_copies(
+    modules: dict[str, nn.Module], adapter: AdapterFile, paths: list[str], check_fingerprint: bool
+) -> None:
+    """PEFT's copies of targeted embedding weights must be this model's own; they are then ignored.
+
+    PEFT (``save_embedding_layers="auto"``) writes ``<path>.base_layer.weight`` for targeted
+    layers named like embeddings (embed_tokens, lm_head) and overwrites the base with it on load.
+    lorakit never replaces base weights, so a copy that differs from the model's is refused.
+    """
+    for path in paths:
+        stored = adapter.tensors[PREFIX + path + BASE_COPY]
+        if not check_fingerprint:
+            log.warning("%s: ignoring its copy of %s's base weight (check_fingerprint=False)", adapter.source, path)
+            continue
+        weight = modules[path].weight.detach()
+        low = stored.dtype if torch.finfo(stored.dtype).eps >= torch.finfo(weight.dtype).eps else weight.dtype
+        if not torch.equal(stored.to(low), weight.to("cpu", low)):
+            raise FingerprintMismatchError(
+                f"{adapter.source} holds its own base weight for {path} (PEFT saves one when embedding layers "
+                "are targeted, e.g. after resizing or training them) and it differs from this model's. lorakit "
+                f"does not replace base weights: copy it into {path}.weight first, or pass check_fingerprint=False "
+                "to ignore it."
+            )
 
 
 def _expected_shapes(config: AdapterConfig, path: str, kind: LayerKind) -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,8 @@ change the result (PITFALLS.md, "Loading").
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from lorakit.config import AdapterConfig
@@ -41,11 +43,15 @@ def to_peft_dict(
     alphas: dict[str, float],
     uses_conv1d: bool,
     base_model_name_or_path: str | None,
+    module_names: Iterable[str] = (),
 ) -> dict[str, Any]:
     """PEFT's config for an adapter whose per-module ranks and alphas are given exactly.
 
     Targets are written as exact module paths: PEFT's own "all-linear" rule differs from
     lorakit's (it keeps classifier heads), so a name list is the only spelling both read alike.
+    PEFT reads a list entry, and a rank/alpha pattern key, as the path or any dotted suffix of
+    it; where that would also take in another module of the model (``module_names``; "lin" and
+    "inner.lin"), the targets are written as a full-match regex and the keys anchored instead.
     """
     common = {
         "base_model_name_or_path": base_model_name_or_path,
@@ -56,7 +62,7 @@ def to_peft_dict(
         "layers_to_transform": None,
         "modules_to_save": saved_paths or None,
         "revision": None,
-        "target_modules": sorted(target_paths),
+        "target_modules": _exact_targets(target_paths, module_names),
         "task_type": None,
     }
     if config.method == "vera":
@@ -72,8 +78,8 @@ def to_peft_dict(
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": _number(alpha),
-        "rank_pattern": {p: v for p, v in sorted(ranks.items()) if v != r},
-        "alpha_pattern": {p: _number(v) for p, v in sorted(alphas.items()) if v != alpha},
+        "rank_pattern": {_exact_key(p, target_paths): v for p, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {_exact_key(p, target_paths): _number(v) for p, v in sorted(alphas.items()) if v != alpha},
         "use_rslora": config.use_rslora,
         "use_dora": config.method == "dora",
         "lora_dropout": config.dropout,
@@ -131,6 +137,27 @@ def from_peft_dict(data: dict[str, Any], source: str) -> AdapterConfig:
         exclude_modules=_optional_tuple_or_str(data.get("exclude_modules")),
         **common,
     )
+
+
+def _exact_targets(target_paths: list[str], module_names: Iterable[str]) -> list[str] | str:
+    """A name list when each path names only itself under PEFT's suffix rule, else a full-match regex."""
+    targets = sorted(target_paths)
+    chosen = set(targets)
+    for name in module_names:
+        if name in chosen:
+            continue
+        parts = name.split(".")
+        if any(".".join(parts[i:]) in chosen for i in range(1, len(parts))):
+            return "|".join(re.escape(p) for p in targets)
+    return targets
+
+
+def _exact_key(path: str, target_paths: list[str]) -> str:
+    """A rank/alpha pattern key that PEFT's (and lorakit's) rule matches to ``path`` alone."""
+    rule = rf"(.*\.)?({path})$"
+    if any(other != path and re.match(rule, other) for other in target_paths):
+        return "^" + re.escape(path)
+    return path
 
 
 def _most_common(values) -> Any:
