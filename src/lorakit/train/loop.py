@@ -102,8 +102,9 @@ class Trainer:
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self.trainable:
             keep[names[id(p)]] = p
+        persistent = self.model.state_dict(keep_vars=True)
         for n, b in self.model.named_buffers():
-            if ".adapters." in n:
+            if ".adapters." in n and n in persistent:  # VeRA's shared projections are fixed by the seed
                 keep[n] = b
         if self.rule is not None:
             for path, layer in self.prepared.adapted.layers_of("default").items():

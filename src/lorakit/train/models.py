@@ -87,7 +87,9 @@ def load_model(spec: str, task: str, num_labels: int | None = None, seed: int = 
     torch.manual_seed(seed)
     if task == "classify":
         if folder is None:
-            return AutoModelForSequenceClassification.from_config(random_config(spec), num_labels=num_labels)
+            config = random_config(spec)
+            config.num_labels = num_labels
+            return AutoModelForSequenceClassification.from_config(config)
         return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
     if folder is None:
         return AutoModelForCausalLM.from_config(random_config(spec))

@@ -1,0 +1,198 @@
+"""`lorakit train` end to end on tiny random models: outputs, determinism, baselines, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.cli import main
+from lorakit.train.data import DataError, lm_examples, read_rows
+from lorakit.train.models import ByteTokenizer
+
+BERT = "random:bert,hidden=32,layers=1,heads=2,intermediate=64"
+LLAMA = "random:llama,hidden=32,layers=1,heads=2,kv_heads=2,intermediate=64"
+
+
+def write_classification(path: Path, n: int = 48, seed: int = 0, labels=("good", "bad")) -> Path:
+    """A learnable toy task: the label is written in the text."""
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for _ in range(n):
+        label = rng.choice(labels)
+        filler = " ".join(rng.choice(["a", "b", "c", "d"]) for _ in range(rng.randint(2, 8)))
+        lines.append(f"{filler} {label} {filler},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(*args: str) -> int:
+    return main(["train", "--quiet", *args])
+
+
+@pytest.fixture
+def data(tmp_path) -> tuple[Path, Path]:
+    return write_classification(tmp_path / "train.csv"), write_classification(tmp_path / "eval.csv", 16, seed=1)
+
+
+def small(out: Path, data_file: Path, eval_file: Path, *extra: str) -> list[str]:
+    return ["--model", BERT, "--data", str(data_file), "--eval-data", str(eval_file), "--out", str(out),
+            "--targets", "query,value", "--batch-size", "8", "--max-steps", "6", "--eval-every", "3",
+            "--max-length", "32", "--lr", "5e-3", *extra]
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_classify_run_writes_every_output(tmp_path, data):
+    out = tmp_path / "run"
+    assert run(*small(out, *data)) == 0
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json", "adapter/adapter_config.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("metric_name", "metric_before", "metric_after", "trainable_params", "total_params",
+                "adapter_bytes", "seconds", "examples_per_second"):
+        assert key in summary
+    assert summary["metric_name"] == "accuracy" and summary["steps"] == 6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "accuracy" in r] == [0, 3, 6]
+    assert summary["adapter_bytes"] == (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    # The adapter file carries the classifier head and loads back onto the same random base.
+    assert any(k.endswith("classifier.weight") for k in adapter_tensors(out))
+
+
+def test_same_seed_same_adapter_twice(tmp_path, data):
+    assert run(*small(tmp_path / "a", *data)) == 0
+    assert run(*small(tmp_path / "b", *data)) == 0
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["lora-fa", "vera", "dora", "delta-lora", "full", "head"])
+def test_every_method_trains(tmp_path, data, method):
+    out = tmp_path / method
+    extra = ["--method", method, "--delta-start", "2"]
+    assert run(*small(out, *data), *extra) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["steps"] == 6
+
+
+def test_loraplus_and_gradient_svd(tmp_path, data, capsys):
+    assert run(*small(tmp_path / "plus", *data), "--loraplus-ratio", "16") == 0
+    assert "lora_B: lr 0.08" in capsys.readouterr().out  # the groups are logged at step 0
+    assert run(*small(tmp_path / "gsvd", *data), "--init", "gradient-svd", "--init-batches", "2") == 0
+
+
+def test_causal_lm_run(tmp_path):
+    rows = [{"prompt": f"Q{i}: ", "completion": f"A{i % 3}"} for i in range(24)]
+    data = write_jsonl(tmp_path / "lm.jsonl", rows)
+    out = tmp_path / "lm"
+    assert main(["train", "--quiet", "--task", "causal-lm", "--model", LLAMA, "--data", str(data), "--out", str(out),
+                 "--max-steps", "4", "--batch-size", "4", "--targets", "all-linear"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric_name"] == "perplexity" and summary["metric_after"] > 1.0
+
+
+def test_answer_only_loss_masks():
+    from lorakit.train.batches import IGNORE, encode_lm
+
+    tok = ByteTokenizer(512)
+    rows = [{"text": "hello", "_line": 1}, {"prompt": "ab", "completion": "cd", "_line": 2},
+            {"instruction": "say", "input": "", "output": "ok", "_line": 3},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "_line": 4}]
+    examples = lm_examples(rows, "x.jsonl", tok)
+    encoded = encode_lm(examples, tok, 256, "x.jsonl")
+    for ex, enc in zip(examples, encoded, strict=True):
+        answer = [*tok.encode(ex.completion), tok.eos_token_id]
+        assert enc.labels[-len(answer):] == answer
+        assert all(label == IGNORE for label in enc.labels[:-len(answer)])
+    assert examples[2].prompt.startswith("### Instruction:\nsay")
+    assert examples[3].prompt == "<|user|>\nhi\n<|assistant|>\n" and examples[3].completion == "yo\n"
+
+
+def test_chat_uses_the_tokenizers_template():
+    class Templated(ByteTokenizer):
+        chat_template = "set"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            text = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+            return text + ("[assistant]" if add_generation_prompt else "")
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "_line": 1}]
+    (example,) = lm_examples(rows, "c.jsonl", Templated(512))
+    assert example.prompt == "[user]hi[assistant]" and example.completion == "yo"
+
+
+# -- bad input: a clear error before training starts, nothing half-written --------------------
+def refused(tmp_path, capsys, args: list[str], message: str) -> None:
+    out = tmp_path / "never"
+    assert main(["train", "--quiet", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not out.exists()
+
+
+def test_missing_column(tmp_path, capsys, data):
+    refused(tmp_path, capsys, ["--model", BERT, "--data", str(data[0]), "--text-column", "body"],
+            "no text column 'body'; columns are: text, label")
+
+
+def test_empty_file(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    refused(tmp_path, capsys, ["--model", BERT, "--data", str(empty)], "holds no examples")
+
+
+def test_label_unseen_in_training(tmp_path, capsys, data):
+    odd = write_classification(tmp_path / "odd.csv", 8, labels=("good", "meh"))
+    refused(tmp_path, capsys, ["--model", BERT, "--data", str(data[0]), "--eval-data", str(odd)],
+            "labels ['meh'] never appear in the training data")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken"\n')
+    refused(tmp_path, capsys, ["--task", "causal-lm", "--model", LLAMA, "--data", str(bad)], f"{bad}:2: malformed JSON")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        read_rows(bad)
+
+
+def test_unknown_target(tmp_path, capsys, data):
+    refused(tmp_path, capsys, ["--model", BERT, "--data", str(data[0]), "--targets", "qurey"], "Closest names: query")
+
+
+def test_model_folder_without_weights(tmp_path, capsys, data):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    refused(tmp_path, capsys, ["--model", str(folder), "--data", str(data[0])], "has no weights")
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys, data):
+    out = tmp_path / "run"
+    assert run(*small(out, *data)) == 0
+    assert run(*small(out, *data)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_yaml_config_and_flag_override(tmp_path, data):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: '{BERT}'\ndata: {data[0]}\neval_data: {data[1]}\nmax_steps: 2\nrank: 2\n"
+                      "targets: query\nmax_length: 32\n")
+    out = tmp_path / "yaml"
+    assert main(["train", "--quiet", "--config", str(config), "--rank", "3", "--out", str(out)]) == 0
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 3
+    assert lorakit.read_adapter(out / "adapter").config.r == 3
