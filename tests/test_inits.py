@@ -98,7 +98,7 @@ def test_gradient_svd_aligns_with_the_gradient_and_leaves_no_grads():
     am = lorakit.adapt(model, lorakit.AdapterConfig(r=2, init="gradient-svd", target_modules=["0"]),
                        gradient_loss=loss_fn)
     m = am.adapter_modules("default")["0"]
-    U, S, Vh = torch.linalg.svd(G)
+    U, _, Vh = torch.linalg.svd(G)
     # B spans the gradient's top left singular vectors, A its top right ones.
     assert_close((U[:, :2].T @ m.lora_B).abs().sum(0), m.lora_B.norm(dim=0), atol=1e-4, rtol=1e-4)
     assert_close((m.lora_A @ Vh[:2].T).abs().sum(1), m.lora_A.norm(dim=1), atol=1e-4, rtol=1e-4)

@@ -79,7 +79,7 @@ def test_listing_with_parameter_counts(base):
 
 def test_unknown_names_are_errors(base):
     am = two_adapters(base)
-    with pytest.raises(lorakit.AdapterNotFoundError, match="'c'.*loaded: a, b"):
+    with pytest.raises(lorakit.AdapterNotFoundError, match=r"'c'.*loaded: a, b"):
         am.set_active("c")
     with pytest.raises(lorakit.AdapterNotFoundError):
         am.delete_adapter("c")
@@ -142,3 +142,15 @@ def test_fp32_unmerge_after_many_cycles_stays_within_1e6():
         am.unmerge()
     rel = (layer.weight - W0).norm() / W0.norm()
     assert rel < 1e-6
+
+
+def test_adapters_added_to_an_eval_model_are_in_eval_mode():
+    """Dropout in a freshly loaded adapter must not fire when the model is in eval mode."""
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    am = lorakit.adapt(model, lorakit.AdapterConfig(r=2, dropout=0.5, target_modules=["0"]))
+    randomise(am)
+    assert not any(m.training for m in am.modules())
+    x = torch.randn(16, 8)
+    assert_close(am(x), am(x))
+    am.add_adapter("second", lorakit.AdapterConfig(r=2, dropout=0.5, target_modules=["0"]))
+    assert not any(m.training for m in am.modules())

@@ -70,7 +70,7 @@ def test_embedding_matches_formula(method: str) -> None:
     """An embedding is a linear map of one-hot token vectors with W = weight.T."""
     torch.manual_seed(0)
     am, m = single(nn.Embedding(15, 6), method, r=3, alpha=3)
-    s = 1.0 if method == "vera" else 1.0
+    s = 1.0  # alpha = r, and VeRA has no scaling
     ids = torch.randint(0, 15, (2, 5))
     onehot = F.one_hot(ids.reshape(-1), 15).double()
     base = am.model.layer.base_layer
@@ -99,7 +99,7 @@ def test_conv2d_matches_formula(method: str) -> None:
 
 
 def test_dropout_zero_adds_no_module_and_positive_dropout_is_used() -> None:
-    am, m = single(nn.Linear(4, 4), "lora")
+    _, m = single(nn.Linear(4, 4), "lora")
     assert isinstance(m.dropout, nn.Identity)
     am2, m2 = single(nn.Linear(4, 4), "lora", dropout=0.5)
     assert isinstance(m2.dropout, nn.Dropout)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from lorakit.kinds import LayerKind
 from lorakit.methods.base import AdapterMethod
@@ -37,14 +38,17 @@ class AdaptedLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
+        # Adapters may write into the fresh base output (no temporary of its size) unless a
+        # forward hook on the base layer has seen it and may be keeping it.
+        inplace = not (self.base_layer._forward_hooks or _global_forward_hooks)
         for name in self.active:
             if name not in self.merged:
-                out = self.adapters[name](x, out, self.base_layer)
+                out = self.adapters[name](x, out, self.base_layer, inplace=inplace)
         return out
 
     # -- adapters ----------------------------------------------------------------------------
     def add(self, name: str, adapter: AdapterMethod) -> None:
-        self.adapters[name] = adapter.to(device=self.weight.device)
+        self.adapters[name] = adapter.to(device=self.weight.device).train(self.training)
 
     def remove(self, name: str) -> None:
         if name in self.merged:

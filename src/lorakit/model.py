@@ -53,6 +53,7 @@ class AdaptedModel(nn.Module):
         self._saved: dict[str, SavedModule] = {}
         for p in model.parameters():
             p.requires_grad_(False)
+        self.train(model.training)
 
     # -- calling -----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -278,7 +279,7 @@ class AdaptedModel(nn.Module):
         kind = kind_for(current)
         if kind is None:  # resolve_targets only returns adaptable modules
             raise ConfigError(f"module {path!r} ({type(current).__name__}) cannot be adapted")
-        layer = AdaptedLayer(current, kind)
+        layer = AdaptedLayer(current, kind).train(current.training)  # new modules would default to training
         layer.fingerprint = weight_fingerprint(current.weight)
         _set_module(self.model, path, layer)
         self._layers[path] = layer
@@ -288,7 +289,7 @@ class AdaptedModel(nn.Module):
         current = self.model.get_submodule(path)
         if isinstance(current, SavedModule):
             return current
-        saved = SavedModule(current)
+        saved = SavedModule(current).train(current.training)
         _set_module(self.model, path, saved)
         self._saved[path] = saved
         return saved
@@ -299,7 +300,7 @@ class AdaptedModel(nn.Module):
         kinds = [kind_for(b) for b in bases]
         in_max = max(k.in_features for k in kinds)
         out_max = max(k.out_features for k in kinds)
-        projections = VeraProjections(config.r, in_max, out_max, config.vera_seed)
+        projections = VeraProjections(config.r, in_max, out_max, config.vera_seed).train(self.training)
         projections.to(device=bases[0].weight.device)
         self.vera_projections[name] = projections
         return projections
