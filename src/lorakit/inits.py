@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.config import AdapterConfig
+from lorakit.errors import ConfigError
 from lorakit.methods.lora import LoRA
 
 if TYPE_CHECKING:
@@ -94,6 +95,12 @@ def base_weight_gradients(
 ) -> dict[str, torch.Tensor]:
     """dL/dW (as (out, in) matrices) of the base weights at ``paths``, leaving no trace behind."""
     layers = model.adapted_layers()
+    quantised = [p for p in paths if not layers[p].kind.writable]
+    if quantised:
+        raise ConfigError(
+            f"gradient-svd needs dL/dW of a float base weight, and {quantised[0]} is quantised "
+            f"({layers[quantised[0]].kind.name}); use init 'default' or 'pissa' on a quantised base"
+        )
     weights = {p: layers[p].base_layer.weight for p in paths}
     previous = {p: w.requires_grad for p, w in weights.items()}
     try:

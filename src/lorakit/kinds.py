@@ -29,6 +29,12 @@ class LayerKind:
     # Suffixes of PEFT's tensor names for this kind, e.g. "lora_A.weight".
     peft_a_key: ClassVar[str] = "lora_A.weight"
     peft_b_key: ClassVar[str] = "lora_B.weight"
+    # False when weight_matrix returns a copy (a dequantised 4-bit/8-bit weight): nothing can be
+    # written into W in place, so merging and methods that move W refuse.
+    writable: ClassVar[bool] = True
+    # False when the base layer's output may be a view made inside a custom autograd Function
+    # (bitsandbytes' matmuls), which autograd forbids writing into: adapters then add out of place.
+    inplace_output: ClassVar[bool] = True
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
@@ -52,6 +58,25 @@ class LayerKind:
     def up(self, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """B h: project rank features to the layer's output shape."""
         return h @ B.t().to(h.dtype)
+
+    def add_up_(self, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """out += alpha · B h, written into ``out`` (which the caller owns); returns ``out``.
+
+        One GEMM accumulating into the output (beta = 1): no temporary of the output's size and
+        one pass over it instead of three, and ``alpha`` scales for free. A 3-D output takes
+        ``baddbmm_`` on itself, not ``addmm_`` on a 2-D view, because an in-place op on a view
+        makes autograd clone the whole output gradient in backward.
+        """
+        h, B = h.to(out.dtype), B.to(out.dtype)
+        if out.dim() == 2:
+            return out.addmm_(h, B.t(), alpha=alpha)
+        if out.dim() == 3:
+            Bt = B.t()
+            return out.baddbmm_(h, Bt.expand(out.shape[0], *Bt.shape), alpha=alpha)
+        if out.is_contiguous() and h.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=alpha)
+            return out
+        return out.add_(h @ B.t(), alpha=alpha)
 
     def channel(self, vector: torch.Tensor) -> torch.Tensor:
         """Reshape a per-output-feature vector to broadcast against the layer output."""
@@ -164,6 +189,14 @@ class Conv2dKind(LayerKind):
     def up(self, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.einsum("nrhw,or->nohw", h, B.to(h.dtype))
 
+    def add_up_(self, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        if out.is_contiguous() and out.dim() == 4:  # (n, out, H·W) += B (out, r) @ h (n, r, H·W)
+            n, o = out.shape[:2]
+            B = B.to(out.dtype)
+            out.view(n, o, -1).baddbmm_(B.expand(n, *B.shape), h.to(out.dtype).reshape(n, B.shape[1], -1), alpha=alpha)
+            return out
+        return out.add_(self.up(h, B).to(out.dtype), alpha=alpha)
+
     def channel(self, vector: torch.Tensor) -> torch.Tensor:
         return vector.reshape(-1, 1, 1)
 
@@ -184,6 +217,17 @@ KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv1DKind, EmbeddingKind, Con
 LINEAR_KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv1DKind)
 
 
+def register_kind(kind_cls: type[LayerKind], linear: bool) -> None:
+    """Add a base layer kind (``linear``: "all-linear" picks it). It is tried before the built-in
+    kinds, so a subclass of nn.Linear (bitsandbytes' layers are) gets its own kind."""
+    global KINDS, LINEAR_KINDS
+    if kind_cls in KINDS:
+        return
+    KINDS = (kind_cls, *KINDS)
+    if linear:
+        LINEAR_KINDS = (kind_cls, *LINEAR_KINDS)
+
+
 def kind_for(module: nn.Module) -> LayerKind | None:
     """The kind of an adaptable module, or None when lorakit cannot adapt it."""
     for kind in KINDS:
@@ -198,3 +242,8 @@ def is_adaptable(module: nn.Module) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     return any(kind.matches(module) for kind in LINEAR_KINDS)
+
+
+# bitsandbytes' quantised linears (QLoRA). The module registers its kinds without importing
+# bitsandbytes, which stays optional: a model can only hold its layers once it is imported.
+from lorakit import kinds_quantized  # noqa: E402, F401

@@ -40,7 +40,7 @@ class AdaptedLayer(nn.Module):
             return out
         # Adapters may write into the fresh base output (no temporary of its size) unless a
         # forward hook on the base layer has seen it and may be keeping it.
-        inplace = not (self.base_layer._forward_hooks or _global_forward_hooks)
+        inplace = self.kind.inplace_output and not (self.base_layer._forward_hooks or _global_forward_hooks)
         for name in self.active:
             if name not in self.merged:
                 out = self.adapters[name](x, out, self.base_layer, inplace=inplace)
@@ -71,6 +71,11 @@ class AdaptedLayer(nn.Module):
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         if not todo:
             return
+        if not self.kind.writable:
+            raise NotImplementedError(
+                f"cannot merge into a {self.kind.name} base: merging into a 4-bit/8-bit base would round the "
+                "update into the quantisation grid; use merge_and_unload(), which returns a dequantised model"
+            )
         W_view = self.kind.weight_matrix(self.base_layer)
         if W_view.dtype not in _EXACT_DTYPES and self._weight_before_merge is None:
             self._weight_before_merge = self.base_layer.weight.detach().clone()
@@ -83,6 +88,19 @@ class AdaptedLayer(nn.Module):
             W = new
             self.merged.append(name)
         W_view.copy_(W)
+
+    @torch.no_grad()
+    def dequantised_merge(self, names: Iterable[str]) -> tuple[nn.Module, float]:
+        """For a quantised (non-writable) base: a plain layer holding the dequantised W with the
+        named adapters merged in float32, and the largest |ΔW| they moved it by. The base is untouched."""
+        W0 = self.kind.weight_matrix(self.base_layer).float()
+        W = W0
+        for name in [n for n in names if n in self.adapters]:
+            W = self.adapters[name].merged_weight(W)
+            if not torch.isfinite(W).all():
+                raise ValueError(f"merging adapter {name!r} would write NaN/Inf into the weight; not merged")
+        moved = (W - W0).abs().max().item() if W is not W0 else 0.0
+        return self.kind.to_plain(self.base_layer, W), moved
 
     @torch.no_grad()
     def unmerge(self, names: Iterable[str] | None = None) -> None:

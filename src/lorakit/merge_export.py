@@ -3,7 +3,8 @@
 The folder loads with plain transformers and no lorakit. Before writing, the merged model is
 compared with the adapted one on a few inputs and the largest logit difference is reported
 (PITFALLS.md: merges that silently behave differently). Merging is done in float32 and
-rounded once to the model's dtype.
+rounded once to the model's dtype. An adapter trained on a 4-bit/8-bit base (QLoRA) is merged
+into the full-precision base; the report says so and how far that is from the quantised model.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ def merge_to_folder(model_spec: str, adapter_dir: str | Path, out: str | Path,
     folder = resolve_model_dir(model_spec)
     if folder is None:
         raise AdapterFileError("lorakit merge needs a model folder (or 'default'), not a random architecture")
-    base = _load_base(folder, adapter)
     tokenizer = load_tokenizer(model_spec)
-    adapted = lorakit.load_adapter(base, adapter_dir, check_fingerprint=check_fingerprint)
     probe = tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True, truncation=True, max_length=64)
+    quantized = (adapter.lorakit or {}).get("quantize", "none")
+    on_quantized = None
+    if quantized != "none":  # first, so only one full-precision copy of the base is ever held
+        on_quantized = _logits_on_quantized_base(folder, adapter, adapter_dir, probe, quantized, check_fingerprint)
+    base = _load_base(folder, adapter)
+    adapted = lorakit.load_adapter(base, adapter_dir, check_fingerprint=check_fingerprint)
     with torch.no_grad():
         expected = _logits(adapted, probe)
         merged = adapted.merge_and_unload()
@@ -46,9 +51,36 @@ def merge_to_folder(model_spec: str, adapter_dir: str | Path, out: str | Path,
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     report = {"max_logit_difference": difference, "out": str(out)}
+    if quantized != "none":
+        report["trained_on_quantized_base"] = quantized
+        report["max_logit_difference_vs_quantized_base"] = (
+            None if on_quantized is None else (on_quantized.float() - got.float()).abs().max().item())
     (out / "lorakit_merge.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"merged {adapter_dir} into {folder} → {out}; largest logit difference adapted vs merged: {difference:.3g}")
+    if quantized != "none":
+        vs = report["max_logit_difference_vs_quantized_base"]
+        print(f"note: the adapter was trained on a {quantized}-quantised base (QLoRA); the merged model is the "
+              "full-precision base plus the update, not the quantised model it was trained with. Largest logit "
+              "difference merged vs the adapter on the quantised base: "
+              + ("not computed (bitsandbytes is not installed)" if vs is None else f"{vs:.3g}"))
     return report
+
+
+def _logits_on_quantized_base(
+    folder: Path, adapter: lorakit.io.adapter_files.AdapterFile, adapter_dir: str | Path,
+    probe: dict[str, torch.Tensor], mode: str, check_fingerprint: bool,
+) -> torch.Tensor | None:
+    """The adapter's logits on the base quantised as in training; None without bitsandbytes."""
+    import importlib.util
+
+    from lorakit.quantize import quantize_model
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    base = quantize_model(_load_base(folder, adapter), mode)
+    adapted = lorakit.load_adapter(base, adapter_dir, check_fingerprint=check_fingerprint)
+    with torch.no_grad():
+        return _logits(adapted, probe)
 
 
 def _load_base(folder: Path, adapter: lorakit.io.adapter_files.AdapterFile) -> nn.Module:

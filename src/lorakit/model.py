@@ -7,6 +7,7 @@ class is untouched) and returns an :class:`AdaptedModel` that owns the adapter b
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -15,8 +16,8 @@ from torch import nn
 
 from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterNotFoundError, ConfigError
-from lorakit.fingerprint import weight_fingerprint
 from lorakit.kinds import kind_for
+from lorakit.kinds_quantized import base_fingerprint, quantized_kind
 from lorakit.layer import AdaptedLayer
 from lorakit.methods import METHODS, DoRA, VeRA, VeraProjections
 from lorakit.methods.base import AdapterMethod
@@ -211,12 +212,20 @@ class AdaptedModel(nn.Module):
         """Merge, then return the user's model with every lorakit module removed.
 
         Trainable copies (modules_to_save) of the first merged adapter replace the originals.
-        The AdaptedModel is empty afterwards.
+        The AdaptedModel is empty afterwards. A quantised (bitsandbytes) base cannot hold a
+        merge: every quantised layer becomes a plain nn.Linear holding its dequantised weight
+        (plus the update, computed in float32), and a warning says so.
         """
         names = list(self.active if names is None else names)
-        self.merge(names)
+        for n in names:
+            self._require(n)
+        # Quantised bases cannot hold a merge: they become plain layers (dequantised W + update).
+        plain = {p: layer.dequantised_merge(names) for p, layer in self._layers.items() if not layer.kind.writable}
+        for layer in self._layers.values():
+            if layer.kind.writable:
+                layer.merge(names)
         for path, layer in self._layers.items():
-            _set_module(self.model, path, layer.base_layer)
+            _set_module(self.model, path, plain[path][0] if path in plain else layer.base_layer)
         for path, saved in self._saved.items():
             chosen = next((saved.copies[n] for n in names if n in saved.copies), saved.original)
             _set_module(self.model, path, chosen)
@@ -224,6 +233,8 @@ class AdaptedModel(nn.Module):
         self.configs.clear()
         self.active = ()
         self.vera_projections = nn.ModuleDict()
+        if plain or any(quantized_kind(m) is not None for m in self.model.modules()):
+            _report_dequantised(self.model, {p: moved for p, (_, moved) in plain.items()})
         return self.model
 
     def unload(self) -> nn.Module:
@@ -280,7 +291,7 @@ class AdaptedModel(nn.Module):
         if kind is None:  # resolve_targets only returns adaptable modules
             raise ConfigError(f"module {path!r} ({type(current).__name__}) cannot be adapted")
         layer = AdaptedLayer(current, kind).train(current.training)  # new modules would default to training
-        layer.fingerprint = weight_fingerprint(current.weight)
+        layer.fingerprint = base_fingerprint(current)
         _set_module(self.model, path, layer)
         self._layers[path] = layer
         return layer
@@ -328,6 +339,24 @@ def adapt(model: nn.Module, config: AdapterConfig | None = None, name: str = "de
     adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     adapted.add_adapter(name, config or AdapterConfig(), **kwargs)
     return adapted
+
+
+def _report_dequantised(model: nn.Module, moved: dict[str, float]) -> None:
+    """Dequantise the layers no adapter touched too, and say plainly what the result is."""
+    from lorakit.quantize import dequantize_model
+
+    others = dequantize_model(model)
+    worst = max(moved, key=moved.get) if moved else None
+    message = (
+        f"merge_and_unload: the base was quantised (bitsandbytes 4-bit/8-bit), so the merged model is "
+        f"dequantised: {len(moved) + len(others)} quantised layers are now plain nn.Linear holding the "
+        f"dequantised weight ({len(moved)} with the adapter update added in float32). "
+    )
+    if worst is not None:
+        message += f"Largest |ΔW| from the quantised base: {moved[worst]:.3g} (in {worst}). "
+    message += ("Its weights carry the quantisation error; merging the adapter into the full-precision base "
+                "(lorakit merge) gives the original weights plus the update.")
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -61,6 +61,9 @@ class DeltaLoRA:
         if any(m.offset_A.shape[0] for m in methods.values()):
             raise ConfigError("Delta-LoRA with a PiSSA or gradient-SVD init is not supported; use the default init")
         self.layers = model.layers_of(adapter)
+        if any(not layer.kind.writable for layer in self.layers.values()):
+            raise ConfigError("Delta-LoRA moves the base weight, which a 4-bit/8-bit quantised base cannot hold; "
+                              "train it on a full-precision base")
         self.methods = methods
         self.c = c
         self.start_step = start_step

@@ -25,10 +25,11 @@ from torch import nn
 
 from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterFileError, FingerprintMismatchError
-from lorakit.fingerprint import fingerprint_mismatch, weight_fingerprint
+from lorakit.fingerprint import fingerprint_mismatch
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 from lorakit.kinds import Conv1DKind, LayerKind, kind_for
+from lorakit.kinds_quantized import base_fingerprint
 from lorakit.methods import DoRA, LoRA, VeRA
 from lorakit.model import AdaptedModel
 from lorakit.targets import matches_rules, plain_modules, resolve_targets
@@ -46,9 +47,13 @@ FORMAT_VERSION = 1
 # saving
 # ---------------------------------------------------------------------------------------------
 def save_adapter(
-    model: AdaptedModel, directory: str | Path, name: str = "default", base_model_name_or_path: str | None = None
+    model: AdaptedModel, directory: str | Path, name: str = "default", base_model_name_or_path: str | None = None,
+    *, extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write adapter ``name`` to ``directory`` in PEFT's layout (atomically, file by file)."""
+    """Write adapter ``name`` to ``directory`` in PEFT's layout (atomically, file by file).
+
+    ``extra_metadata`` (JSON-able) joins lorakit's metadata, e.g. ``{"quantize": "nf4"}``.
+    """
     config = model.configs.get(name)
     if config is None:
         model._require(name)
@@ -90,6 +95,7 @@ def save_adapter(
     metadata = {
         "format": "pt",
         "lorakit": json.dumps({
+            **(extra_metadata or {}),  # lorakit's own keys below win
             "version": FORMAT_VERSION,
             "method": config.method,
             "config": _config_to_json(config),
@@ -333,7 +339,7 @@ def _check_fingerprints(root: nn.Module, adapter: AdapterFile, targets: list[str
     problems = []
     for path in targets:
         module = root.get_submodule(path)
-        current = module.fingerprint if isinstance(module, AdaptedLayer) else weight_fingerprint(module.weight)
+        current = module.fingerprint if isinstance(module, AdaptedLayer) else base_fingerprint(module)
         why = fingerprint_mismatch(recorded.get(path), current)
         if why:
             problems.append(f"{path}: {why}")

@@ -35,11 +35,16 @@ class AdapterMethod(nn.Module):
         )
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """The layer output with this adapter applied, given the base layer's output."""
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, *, inplace: bool = False
+    ) -> torch.Tensor:
+        """The layer output with this adapter applied, given the base layer's output.
+
+        ``inplace=True`` says the caller owns ``base_out``: the update is written into it.
+        """
         A, B = self.factors()
-        update = self.kind.up(self.kind.down(self.dropout(x), A), B)
-        return base_out + update.to(base_out.dtype)
+        out = base_out if inplace else base_out.clone()
+        return self.kind.add_up_(out, self.kind.down(self.dropout(x), A), B)
 
     # -- the update as factors ---------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,14 +42,22 @@ class DoRA(LoRA):
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.weight_norm(base_layer))
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, *, inplace: bool = False
+    ) -> torch.Tensor:
         kind = self.kind
         scale = kind.channel((self.lora_magnitude_vector / self.weight_norm(base_layer)).to(base_out.dtype))
         bias = kind.bias(base_layer)
-        update = self.update(x).to(base_out.dtype)
         if bias is None:
-            return scale * (base_out + update)
-        return scale * (base_out - bias + update) + bias
+            z = base_out if inplace else base_out.clone()
+        else:
+            z = base_out.sub_(bias) if inplace else base_out - bias
+        z = self.add_update_(x, z)  # W x + s·B A x, in place
+        if torch.is_grad_enabled() and scale.requires_grad:
+            # m's gradient needs z, so the result goes to a new tensor.
+            return z * scale if bias is None else torch.addcmul(bias, z, scale)
+        z.mul_(scale)
+        return z if bias is None else z.add_(bias)
 
     @torch.no_grad()
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:

@@ -41,8 +41,22 @@ class LoRA(AdapterMethod):
         self.register_buffer("shift_A", torch.zeros(0, kind.in_features))
         self.register_buffer("shift_B", torch.zeros(kind.out_features, 0))
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return base_out + self.update(x).to(base_out.dtype)
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, *, inplace: bool = False
+    ) -> torch.Tensor:
+        return self.add_update_(x, base_out if inplace else base_out.clone())
+
+    def add_update_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out += s · B A x (plus the frozen offset) in place: one GEMM accumulating into ``out``.
+
+        The scaling rides on the GEMM's alpha rather than on a scaled copy of B.
+        """
+        kind = self.kind
+        x = self.dropout(x)
+        if self.offset_A.shape[0] == 0:
+            return kind.add_up_(out, kind.down(x, self.lora_A), self.lora_B, self.scaling)
+        A, B = self.factors()
+        return kind.add_up_(out, kind.down(x, A), B)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A x (plus the frozen offset), never forming an (out, in) matrix."""

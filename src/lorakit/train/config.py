@@ -77,6 +77,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be at least 1")
+        if self.quantize != "none" and self.method == "full":
+            raise ConfigError("--method full trains every weight, which a quantised base cannot; drop --quantize")
         if not 0 < self.eval_split < 1:
             raise ConfigError("--eval-split must be between 0 and 1")
 

@@ -65,7 +65,8 @@ class RunOutputs:
 
         if prepared.adapted is not None:
             lorakit.save_adapter(prepared.adapted, self.adapter_dir,
-                                 base_model_name_or_path=None if config.model.startswith("random:") else config.model)
+                                 base_model_name_or_path=None if config.model.startswith("random:") else config.model,
+                                 extra_metadata={"quantize": config.quantize})
             return (self.adapter_dir / "adapter_model.safetensors").stat().st_size
         target = self.folder / "model"
         prepared.model.save_pretrained(target)
