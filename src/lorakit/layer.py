@@ -15,6 +15,7 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from lorakit.kinds import LayerKind
 from lorakit.methods.base import AdapterMethod
+from lorakit.mixed import Stack, build_stack, mixed_forward, stack_key
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -33,11 +34,16 @@ class AdaptedLayer(nn.Module):
         self.fingerprint: dict | None = None  # of the original base weight, for adapter files
         # Half-precision weights cannot be un-merged exactly by arithmetic; keep the original.
         self._weight_before_merge: torch.Tensor | None = None
+        # Set by AdaptedModel.mixed_batch: (adapter names of the batch, slot of each row).
+        self.mixed: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._stack: Stack | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
+        if self.mixed is not None:
+            return self._mixed_forward(x, out)
         # Adapters may write into the fresh base output (no temporary of its size) unless a
         # forward hook on the base layer has seen it and may be keeping it.
         inplace = self.kind.inplace_output and not (self.base_layer._forward_hooks or _global_forward_hooks)
@@ -46,9 +52,20 @@ class AdaptedLayer(nn.Module):
                 out = self.adapters[name](x, out, self.base_layer, inplace=inplace)
         return out
 
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        names, rows = self.mixed
+        if not any(n in self.adapters for n in names):
+            return out  # no adapter of this batch touches this layer
+        key = stack_key(names, self.adapters)
+        if self._stack is None or self._stack.key != key:
+            self._stack = build_stack(names, self.adapters, self.kind, self.base_layer, key)
+        return mixed_forward(self.kind, self.base_layer, out, x, rows, self._stack)
+
     # -- adapters ----------------------------------------------------------------------------
     def add(self, name: str, adapter: AdapterMethod) -> None:
-        self.adapters[name] = adapter.to(device=self.weight.device).train(self.training)
+        # A base on the meta device (shapes only) still gets real adapter tensors, on the CPU.
+        device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
+        self.adapters[name] = adapter.to(device=device).train(self.training)
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -58,6 +75,7 @@ class AdaptedLayer(nn.Module):
         if shift is not None and shift.shape[0] > 0:
             self._add_to_weight(-(adapter.shift_B.float() @ adapter.shift_A.float()))
         del self.adapters[name]
+        self._stack = None
         self.active = tuple(a for a in self.active if a != name)
 
     @property
@@ -130,6 +148,12 @@ class AdaptedLayer(nn.Module):
     def _add_to_weight(self, delta: torch.Tensor) -> None:
         W_view = self.kind.weight_matrix(self.base_layer)
         W_view.copy_(W_view.float() + delta)
+
+    def rename(self, old: str, new: str) -> None:
+        self.adapters[new] = self.adapters.pop(old)
+        self.active = tuple(new if a == old else a for a in self.active)
+        self.merged = [new if a == old else a for a in self.merged]
+        self._stack = None
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"

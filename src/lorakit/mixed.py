@@ -36,13 +36,14 @@ class Stack:
     scale: torch.Tensor | None  # (slots, out): DoRA's m / ||W + sBA||, 1 elsewhere; None without DoRA
 
 
-def build_stack(names: tuple[str, ...], adapters: nn.ModuleDict, base_layer: nn.Module, key: tuple) -> Stack:
+def build_stack(
+    names: tuple[str, ...], adapters: nn.ModuleDict, kind, base_layer: nn.Module, key: tuple
+) -> Stack:
     """Stack the factors of ``names`` (slot i+1 is names[i]; a name absent from this layer is zeros)."""
     present = [adapters[n] if n in adapters else None for n in names]  # noqa: SIM401 (ModuleDict has no get)
     factors = [m.factors() if m is not None else None for m in present]
     rank = max([a.shape[0] for a, _ in filter(None, factors)] or [1])
-    some = next(iter(adapters.values()))
-    in_f, out_f = some.kind.in_features, some.kind.out_features
+    in_f, out_f = kind.in_features, kind.out_features
     like = next((a for a, _ in filter(None, factors)), None)
     dtype = like.dtype if like is not None else torch.float32
     device = base_layer.weight.device

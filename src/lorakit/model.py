@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from lorakit.kinds_quantized import base_fingerprint, quantized_kind
 from lorakit.layer import AdaptedLayer
 from lorakit.methods import METHODS, DoRA, VeRA, VeraProjections
 from lorakit.methods.base import AdapterMethod
+from lorakit.mixed import BASE
 from lorakit.saved_modules import SavedModule
 from lorakit.targets import matches_rules, plain_modules, resolve_targets
 
@@ -57,11 +58,48 @@ class AdaptedModel(nn.Module):
         self.train(model.training)
 
     # -- calling -----------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """Run the model. ``adapter_names`` (one per batch row; "base" or None for the bare base)
+        runs a mixed-adapter batch instead of the active adapters."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """``model.generate``; with ``adapter_names`` each row generates with its own adapter."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
+        """Inside the block, row i of every batch runs through adapter ``adapter_names[i]``.
+
+        Unknown names are errors (never a silent fall-back to the base). Merged adapters must be
+        unmerged first: a mixed batch needs the bare base weights.
+        """
+        names = [BASE if n is None else n for n in adapter_names]
+        unknown = sorted({n for n in names if n != BASE and n not in self.configs})
+        if unknown:
+            known = ", ".join(self.configs) or "none"
+            raise AdapterNotFoundError(f"unknown adapter names in the batch: {unknown} (loaded: {known}; "
+                                       f"use {BASE!r} for the bare base)")
+        if any(layer.merged for layer in self._layers.values()):
+            raise ConfigError("a mixed-adapter batch needs unmerged adapters; call unmerge() first")
+        unique = tuple(dict.fromkeys(n for n in names if n != BASE))
+        slot = {n: i + 1 for i, n in enumerate(unique)}
+        rows_cpu = torch.tensor([slot.get(n, 0) for n in names], dtype=torch.long)
+        wrappers = [*self._layers.values(), *self._saved.values()]
+        for module in wrappers:
+            device = module.weight.device if isinstance(module, AdaptedLayer) else rows_cpu.device
+            module.mixed = (unique, rows_cpu.to(device))
+        try:
+            yield
+        finally:
+            for module in wrappers:
+                module.mixed = None
 
     # -- the layers lorakit added ------------------------------------------------------------
     def adapted_layers(self) -> dict[str, AdaptedLayer]:
@@ -117,6 +155,45 @@ class AdaptedModel(nn.Module):
             self.set_active(*self.active, name)
         else:
             self._sync_trainable({name})
+
+    def replace_adapter(self, name: str, directory: str, **load_options) -> None:
+        """Hot swap: load ``directory`` and put it in place of adapter ``name`` for the next batch.
+
+        The new adapter is read and checked completely (keys, shapes, fingerprint) before the old
+        one is touched; on any error the served set is unchanged. The old adapter's memory is freed.
+        """
+        from lorakit.io.adapter_files import load_adapter
+
+        self._require(name)
+        incoming = f"{name}__incoming"
+        if incoming in self.configs:
+            self.delete_adapter(incoming)
+        was_active = name in self.active
+        frozen = name in self.frozen
+        load_adapter(self, directory, name=incoming, activate=False, **load_options)
+        self.delete_adapter(name)
+        self.rename_adapter(incoming, name)
+        if frozen:
+            self.frozen.add(name)
+        if was_active:
+            self.activate(name)
+
+    def rename_adapter(self, old: str, new: str) -> None:
+        self._require(old)
+        if new in self.configs or not new or "." in new:
+            raise ConfigError(f"cannot rename {old!r} to {new!r}: the name is taken or invalid")
+        for layer in self.layers_of(old).values():
+            layer.rename(old, new)
+        for saved in self._saved.values():
+            if old in saved.copies:
+                saved.rename(old, new)
+        if old in self.vera_projections:
+            self.vera_projections[new] = self.vera_projections.pop(old)
+        self.configs[new] = self.configs.pop(old)
+        if old in self.frozen:
+            self.frozen.discard(old)
+            self.frozen.add(new)
+        self.active = tuple(new if a == old else a for a in self.active)
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter everywhere and free its tensors (base weights are restored)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 
@@ -18,6 +19,7 @@ class SavedModule(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.mixed: tuple[tuple[str, ...], torch.Tensor] | None = None  # see AdaptedModel.mixed_batch
 
     def add(self, name: str) -> None:
         duplicate = copy.deepcopy(self.original)
@@ -40,4 +42,21 @@ class SavedModule(nn.Module):
         return self.copies[self.active]
 
     def forward(self, *args, **kwargs):
+        if self.mixed is not None and not self.disabled:
+            return self._mixed_forward(*args, **kwargs)
         return self.current()(*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs):
+        """Each row through its adapter's copy (or the original): one call per copy in the batch."""
+        names, rows = self.mixed
+        out = self.original(x, *args, **kwargs)
+        for slot, name in enumerate(names, start=1):
+            picked = (rows == slot).nonzero().flatten()
+            if name in self.copies and picked.numel():
+                out = out.index_copy(0, picked, self.copies[name](x.index_select(0, picked), *args, **kwargs))
+        return out
+
+    def rename(self, old: str, new: str) -> None:
+        self.copies[new] = self.copies.pop(old)
+        if self.active == old:
+            self.active = new

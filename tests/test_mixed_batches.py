@@ -1,0 +1,150 @@
+"""Mixed-adapter batches: each row with its own adapter equals running that row alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from model_zoo import tiny_llama
+from test_methods import randomise
+from torch import nn
+from torch.testing import assert_close
+
+import lorakit
+
+NAMES = ["lora", "fa", "vera", "dora", "wide", "base"]
+
+
+@pytest.fixture(scope="module")
+def served() -> lorakit.AdaptedModel:
+    """One frozen Llama carrying LoRA, LoRA-FA, VeRA, DoRA and a wider-rank LoRA."""
+    base = tiny_llama(layers=2)
+    am = lorakit.adapt(base, lorakit.AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]), "lora")
+    am.add_adapter("fa", lorakit.AdapterConfig(method="lora-fa", r=2, target_modules="all-linear"))
+    am.add_adapter("vera", lorakit.AdapterConfig(method="vera", r=8, target_modules=["q_proj", "o_proj"]))
+    am.add_adapter("dora", lorakit.AdapterConfig(method="dora", r=3, target_modules="all-linear"))
+    am.add_adapter("wide", lorakit.AdapterConfig(r=16, alpha=4, use_rslora=True, target_modules=["k_proj", "up_proj"]))
+    randomise(am, seed=3)
+    am.eval()
+    return am
+
+
+def alone(am: lorakit.AdaptedModel, name: str, ids: torch.Tensor) -> torch.Tensor:
+    if name == "base":
+        with am.base_only():
+            return am(input_ids=ids).logits
+    active = am.active
+    am.set_active(name)
+    try:
+        return am(input_ids=ids).logits
+    finally:
+        am.set_active(*active)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(NAMES), min_size=1, max_size=6), st.integers(0, 2**16))
+def test_mixed_batch_equals_each_row_alone(served, names, seed):
+    ids = torch.randint(0, 128, (len(names), 5), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        mixed = served(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            assert_close(mixed[row], alone(served, name, ids[row:row + 1])[0], atol=1e-5, rtol=0)
+
+
+def test_mixed_generate_equals_each_row_alone(served):
+    names = ["dora", "base", "lora", "vera"]
+    prompt = torch.randint(0, 128, (4, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = served.generate(input_ids=prompt, adapter_names=names, max_new_tokens=6, do_sample=False,
+                                pad_token_id=0)
+        for row, name in enumerate(names):
+            if name == "base":
+                with served.base_only():
+                    single = served.generate(input_ids=prompt[row:row + 1], max_new_tokens=6, do_sample=False,
+                                             pad_token_id=0)
+            else:
+                served.set_active(name)
+                single = served.generate(input_ids=prompt[row:row + 1], max_new_tokens=6, do_sample=False,
+                                         pad_token_id=0)
+            n = single.shape[1]  # a row that hit end-of-sequence alone stops early; the batch pads it
+            assert torch.equal(mixed[row, :n], single[0]), name
+            assert (mixed[row, n:] == 0).all(), name
+    served.set_active("lora")
+
+
+def test_mixed_batch_uses_one_batched_product_per_layer(served, monkeypatch):
+    """A gather plus bmm, not a loop over sub-batches: the number of bmm calls is independent of the mix."""
+    calls = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 128, (5, 3))
+    with torch.no_grad():
+        served(input_ids=ids, adapter_names=["dora"] * 5)  # dora covers every linear layer
+        one = len(calls)
+        calls.clear()
+        served(input_ids=ids, adapter_names=["lora", "fa", "vera", "dora", "wide"])
+    assert len(calls) == one > 0
+
+
+def test_unknown_name_in_a_batch_is_an_error(served):
+    with pytest.raises(lorakit.AdapterNotFoundError, match="loar"):
+        served(input_ids=torch.zeros(2, 3, dtype=torch.long), adapter_names=["lora", "loar"])
+
+
+def test_heads_follow_their_rows():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    am = lorakit.adapt(model, lorakit.AdapterConfig(r=2, target_modules=["0"], modules_to_save=["1"]), "a")
+    am.add_adapter("b", lorakit.AdapterConfig(r=2, target_modules=["0"], modules_to_save=["1"]))
+    randomise(am)
+    with torch.no_grad():
+        for i, copy_ in enumerate(am.model[1].copies.values()):
+            copy_.weight.add_(i + 1.0)
+    x = torch.randn(3, 4)
+    mixed = am(x, adapter_names=["b", "base", "a"])
+    am.set_active("b")
+    assert_close(mixed[0], am(x[:1])[0])
+    am.set_active("a")
+    assert_close(mixed[2], am(x[2:])[0])
+    with am.base_only():
+        assert_close(mixed[1], am(x[1:2])[0])
+
+
+def base_weights(am: lorakit.AdaptedModel) -> dict[str, torch.Tensor]:
+    """Every base weight by module path, seen through lorakit's wrappers."""
+    from lorakit.targets import plain_modules
+
+    return {p: m.weight.detach().clone() for p, m in plain_modules(am.model).items() if hasattr(m, "weight")}
+
+
+def test_hot_swap_replaces_for_the_next_batch_and_refuses_bad_files(tmp_path):
+    base = tiny_llama(layers=1)
+    first = lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(r=2, target_modules=["q_proj"]))
+    randomise(first, seed=1)
+    second = lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(r=6, target_modules=["v_proj"]))
+    randomise(second, seed=2)
+    lorakit.save_adapter(first, tmp_path / "one")
+    lorakit.save_adapter(second, tmp_path / "two")
+    ids = torch.randint(0, 128, (2, 4))
+    with torch.no_grad():
+        want_one, want_two = first(input_ids=ids).logits, second(input_ids=ids).logits
+
+        served = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "one", name="team")
+        assert_close(served(input_ids=ids, adapter_names=["team", "team"]).logits, want_one, atol=1e-5, rtol=0)
+        weights = base_weights(served)
+        served.replace_adapter("team", tmp_path / "two")
+        assert_close(served(input_ids=ids, adapter_names=["team", "team"]).logits, want_two, atol=1e-5, rtol=0)
+        assert_close(served(input_ids=ids).logits, want_two, atol=1e-5, rtol=0)
+        assert [i.name for i in served.list_adapters()] == ["team"]
+        now = base_weights(served)
+        assert now.keys() == weights.keys() and all(torch.equal(now[k], weights[k]) for k in weights)
+
+        other_base = tiny_llama(layers=1, seed=5)
+        foreign = lorakit.adapt(other_base, lorakit.AdapterConfig(r=2, target_modules=["q_proj"]))
+        lorakit.save_adapter(foreign, tmp_path / "foreign")
+        with pytest.raises(lorakit.FingerprintMismatchError):
+            served.replace_adapter("team", tmp_path / "foreign")
+        assert [i.name for i in served.list_adapters()] == ["team"]
+        assert_close(served(input_ids=ids).logits, want_two, atol=1e-5, rtol=0)
