@@ -63,9 +63,13 @@ class AdaptedLayer(nn.Module):
 
     # -- adapters ----------------------------------------------------------------------------
     def add(self, name: str, adapter: AdapterMethod) -> None:
-        # A base on the meta device (shapes only) still gets real adapter tensors, on the CPU.
-        device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
-        self.adapters[name] = adapter.to(device=device).train(self.training)
+        self.adapters[name] = adapter.to(device=self.adapter_device).train(self.training)
+
+    @property
+    def adapter_device(self) -> torch.device:
+        """The base's device; a base on the meta device (shapes only) still gets real CPU tensors."""
+        device = self.weight.device
+        return device if device.type != "meta" else torch.device("cpu")
 
     def remove(self, name: str) -> None:
         if name in self.merged:

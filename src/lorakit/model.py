@@ -389,7 +389,8 @@ class AdaptedModel(nn.Module):
         in_max = max(k.in_features for k in kinds)
         out_max = max(k.out_features for k in kinds)
         projections = VeraProjections(config.r, in_max, out_max, config.vera_seed).train(self.training)
-        projections.to(device=bases[0].weight.device)
+        device = bases[0].weight.device
+        projections.to(device=device if device.type != "meta" else torch.device("cpu"))
         self.vera_projections[name] = projections
         return projections
 
@@ -405,8 +406,8 @@ def build_method(
         assert projections is not None
         return VeRA(layer.kind, config.r, s, config.dropout, projections, config.vera_d_initial)
     method = cls(layer.kind, rank, s, config.dropout)
-    method.to(device=layer.weight.device)
-    if isinstance(method, DoRA):
+    method.to(device=layer.adapter_device)
+    if isinstance(method, DoRA) and layer.weight.device.type != "meta":  # a meta base has no norms to read
         method.init_magnitude(layer.base_layer)
     return method
 
