@@ -165,3 +165,29 @@ def test_bad_requests():
     dora = model_with({"d": lorakit.AdapterConfig(method="dora", target_modules=["0"])})
     with pytest.raises(lorakit.ConfigError, match="DoRA"):
         combine_adapters(dora, ["d"], [1.0], "x", Combination("svd"))
+
+
+def test_combine_command_writes_a_loadable_adapter(tmp_path, capsys):
+    from model_zoo import minilm
+
+    from lorakit.cli import main
+
+    folders = []
+    for i, (method, r) in enumerate([("lora", 4), ("lora", 2)]):
+        am = lorakit.adapt(minilm(), lorakit.AdapterConfig(method=method, r=r, target_modules=["query", "value"]))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for m in am.adapter_modules("default").values():
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.01)
+        lorakit.save_adapter(am, tmp_path / f"a{i}")
+        folders.append(str(tmp_path / f"a{i}"))
+    out = tmp_path / "mix"
+    assert main(["combine", "--model", "default", "--adapters", ",".join(folders), "--weights", "0.5,-1",
+                 "--out", str(out)]) == 0
+    assert "reproduces the combination to" in capsys.readouterr().out
+    combined = lorakit.load_adapter(minilm(), out)
+    parts = [lorakit.load_adapter(minilm(), f) for f in folders]
+    path = "encoder.layer.0.attention.self.query"
+    got = combined.adapter_modules("default")[path]
+    want = sum(w * p.adapter_modules("default")[path].delta_weight() for w, p in zip((0.5, -1.0), parts, strict=True))
+    assert_close(got.delta_weight(), want, atol=1e-6, rtol=1e-5)

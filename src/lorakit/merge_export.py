@@ -40,7 +40,7 @@ def merge_to_folder(model_spec: str, adapter_dir: str | Path, out: str | Path,
     on_quantized = None
     if quantized != "none":  # first, so only one full-precision copy of the base is ever held
         on_quantized = _logits_on_quantized_base(folder, adapter, adapter_dir, probe, quantized, check_fingerprint)
-    base = _load_base(folder, adapter)
+    base = load_base_for(folder, adapter)
     adapted = lorakit.load_adapter(base, adapter_dir, check_fingerprint=check_fingerprint)
     with torch.no_grad():
         expected = _logits(adapted, probe)
@@ -77,13 +77,13 @@ def _logits_on_quantized_base(
 
     if importlib.util.find_spec("bitsandbytes") is None:
         return None
-    base = quantize_model(_load_base(folder, adapter), mode)
+    base = quantize_model(load_base_for(folder, adapter), mode)
     adapted = lorakit.load_adapter(base, adapter_dir, check_fingerprint=check_fingerprint)
     with torch.no_grad():
         return _logits(adapted, probe)
 
 
-def _load_base(folder: Path, adapter: lorakit.io.adapter_files.AdapterFile) -> nn.Module:
+def load_base_for(folder: Path, adapter: lorakit.io.adapter_files.AdapterFile) -> nn.Module:
     """The base model class the adapter was trained with: with its classification head when it saved one."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
