@@ -70,13 +70,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from lorakit.serve import build_engine, run_server
 
+    for flag in ("max_batch_size", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise LorakitError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = build_engine(args.model, args.adapters, max_prompt_tokens=args.max_prompt_tokens,
                           max_tokens_limit=args.max_tokens_limit, seed=args.seed)
     run_server(engine, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
-               max_batch_size=args.max_batch_size,
-               batch_window_ms=args.batch_window_ms, max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+               max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
+               max_body_bytes=args.max_body_bytes, log_level=args.log_level)
     return 0
 
 
@@ -85,8 +88,8 @@ def _serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapters", required=True,
                         help="adapter root: every subfolder holding adapter_config.json is served under its name; "
                              "POST /v1/adapters loads only from folders under it")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every endpoint (or set $LORAKIT_API_KEY)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows per mixed-adapter batch")

@@ -60,23 +60,25 @@ class LayerKind:
         return h @ B.t().to(h.dtype)
 
     def add_up_(self, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """out += alpha · B h, written into ``out`` (which the caller owns); returns ``out``.
+        """out + alpha · B h, written into ``out`` (which the caller owns) where that is cheaper.
 
-        One GEMM accumulating into the output (beta = 1): no temporary of the output's size and
-        one pass over it instead of three, and ``alpha`` scales for free. A 3-D output takes
-        ``baddbmm_`` on itself, not ``addmm_`` on a 2-D view, because an in-place op on a view
-        makes autograd clone the whole output gradient in backward.
+        One GEMM accumulating into the output (beta = 1): no temporary of the output's size, one
+        pass over it instead of three, and ``alpha`` scales for free. Under autograd a view (a
+        biased ``F.linear`` returns one) is not written in place, because autograd would then
+        clone the whole output gradient in backward; the GEMM then writes a new tensor.
         """
-        h, B = h.to(out.dtype), B.to(out.dtype)
+        h, Bt = h.to(out.dtype), B.to(out.dtype).t()
+        n, r = out.shape[-1], h.shape[-1]
+        if torch.is_grad_enabled() and (out._is_view() or out.dim() > 3):
+            return torch.addmm(out.reshape(-1, n), h.reshape(-1, r), Bt, alpha=alpha).view(out.shape)
         if out.dim() == 2:
-            return out.addmm_(h, B.t(), alpha=alpha)
+            return out.addmm_(h, Bt, alpha=alpha)
         if out.dim() == 3:
-            Bt = B.t()
-            return out.baddbmm_(h, Bt.expand(out.shape[0], *Bt.shape), alpha=alpha)
-        if out.is_contiguous() and h.is_contiguous():
-            out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=alpha)
+            return out.baddbmm_(h, Bt.expand(out.shape[0], r, n), alpha=alpha)
+        if out.is_contiguous():
+            out.view(-1, n).addmm_(h.reshape(-1, r), Bt, alpha=alpha)
             return out
-        return out.add_(h @ B.t(), alpha=alpha)
+        return out.add_(h @ Bt, alpha=alpha)
 
     def channel(self, vector: torch.Tensor) -> torch.Tensor:
         """Reshape a per-output-feature vector to broadcast against the layer output."""
@@ -190,12 +192,15 @@ class Conv2dKind(LayerKind):
         return torch.einsum("nrhw,or->nohw", h, B.to(h.dtype))
 
     def add_up_(self, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        if out.is_contiguous() and out.dim() == 4:  # (n, out, H·W) += B (out, r) @ h (n, r, H·W)
-            n, o = out.shape[:2]
-            B = B.to(out.dtype)
-            out.view(n, o, -1).baddbmm_(B.expand(n, *B.shape), h.to(out.dtype).reshape(n, B.shape[1], -1), alpha=alpha)
-            return out
-        return out.add_(self.up(h, B).to(out.dtype), alpha=alpha)
+        if not out.is_contiguous():
+            return out.add_(self.up(h, B).to(out.dtype), alpha=alpha)
+        n, o = out.shape[:2]  # (n, out, H·W) + B (out, r) @ h (n, r, H·W)
+        B = B.to(out.dtype).expand(n, *B.shape)
+        h = h.to(out.dtype).reshape(n, B.shape[-1], -1)
+        if torch.is_grad_enabled():  # not in place on a view under autograd (see LayerKind.add_up_)
+            return torch.baddbmm(out.view(n, o, -1), B, h, alpha=alpha).view(out.shape)
+        out.view(n, o, -1).baddbmm_(B, h, alpha=alpha)
+        return out
 
     def channel(self, vector: torch.Tensor) -> torch.Tensor:
         return vector.reshape(-1, 1, 1)

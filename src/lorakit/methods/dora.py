@@ -3,9 +3,9 @@
     W' = m ⊙ (W + s·B A) / ||W + s·B A||      (norm of each output row; m starts at ||W||)
 
 As in the paper (section 4.3) the norm is treated as a constant in backward. The forward reuses
-the base output instead of recomputing W x:
+the base output instead of recomputing W x, and adds the low-rank update into it in place:
 
-    y' = (m / n) ⊙ (y − bias + s·B A x) + bias
+    y' = (m / n) ⊙ (y − bias + s·B A x) + bias = (m / n) ⊙ (y + s·B A x) + (1 − m / n) ⊙ bias
 
 and the row norms come from low-rank products, never from an (out, in) matrix:
 
@@ -47,17 +47,14 @@ class DoRA(LoRA):
     ) -> torch.Tensor:
         kind = self.kind
         scale = kind.channel((self.lora_magnitude_vector / self.weight_norm(base_layer)).to(base_out.dtype))
+        z = self.add_update_(x, base_out if inplace else base_out.clone())  # W x + bias + s·B A x
+        # (m/n) ⊙ (z − bias) + bias = (m/n) ⊙ z + (1 − m/n) ⊙ bias: the bias term is one vector,
+        # so no pass over the output subtracts the bias.
         bias = kind.bias(base_layer)
-        if bias is None:
-            z = base_out if inplace else base_out.clone()
-        else:
-            z = base_out.sub_(bias) if inplace else base_out - bias
-        z = self.add_update_(x, z)  # W x + s·B A x, in place
-        if torch.is_grad_enabled() and scale.requires_grad:
-            # m's gradient needs z, so the result goes to a new tensor.
-            return z * scale if bias is None else torch.addcmul(bias, z, scale)
+        if torch.is_grad_enabled():  # m's gradient needs z: the result is a new tensor
+            return z * scale if bias is None else torch.addcmul((1 - scale) * bias, z, scale)
         z.mul_(scale)
-        return z if bias is None else z.add_(bias)
+        return z if bias is None else z.add_((1 - scale) * bias)
 
     @torch.no_grad()
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
@@ -66,10 +63,12 @@ class DoRA(LoRA):
         key = (W.data_ptr(), W._version, self.lora_A._version, self.lora_B._version, self.scaling)
         if key == self._norm_key and self._norm is not None and self._norm.device == W.device:
             return self._norm
-        A, B = self.lora_A.float(), self.lora_B.float() * self.scaling
+        A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
         WAt = (W @ A.t().to(W.dtype)).float()  # (out, r)
-        sq = self._row_sq_norms(W) + 2.0 * (B * WAt).sum(1) + ((B @ (A @ A.t())) * B).sum(1)
-        self._norm = sq.clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+        # ||W_i||² + s·Σ_k B_ik (2·(W Aᵀ)_ik + s·(B A Aᵀ)_ik), in few small ops
+        T = torch.addmm(WAt, B, A @ A.t(), beta=2.0, alpha=s)
+        sq = torch.add(self._row_sq_norms(W), (B * T).sum(1), alpha=s)
+        self._norm = sq.clamp_min_(0).sqrt_().clamp_min_(torch.finfo(torch.float32).tiny)
         self._norm_key = key
         return self._norm
 

@@ -1,0 +1,736 @@
+"""The serving engine: one frozen base, many adapters, mixed-adapter batches.
+
+Causal LMs decode with their own loop over ``model(...)`` and a KV cache: prompts are
+left-padded (attention mask and explicit position ids, so padding changes nothing), every
+decoding step is ONE forward for all rows with ``adapter_names=[...]``, and each row finishes
+on its own (EOS, a stop string or its ``max_tokens``); finished rows leave the batch and the
+cache. Queued requests join a running batch between steps (continuous batching): they are
+prefilled in one forward, then the two KV caches are left-padded to one length (the padding
+masked out) and stacked, so a long generation never holds new requests back. Text is handed
+out token by token, holding back only what could still turn into a stop string or an
+unfinished UTF-8 character, so a stream concatenates to the non-streamed text.
+
+Classification models (a base plus adapters that carry a classification head) answer one
+forward per batch of texts.
+
+Chat prompts use the tokenizer's chat template; without one they use :data:`DEFAULT_CHAT_TEMPLATE`::
+
+    <|system|>\\n{content}\\n<|user|>\\n{content}\\n ... <|assistant|>\\n
+
+(one ``<|role|>`` line and the message per turn, then the ``<|assistant|>`` line to answer on),
+encoded with the tokenizer's special tokens (e.g. BOS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError
+from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from lorakit.mixed import BASE
+from lorakit.model import AdaptedModel
+from lorakit.serve.batcher import Job
+
+log = logging.getLogger("lorakit.serve")
+
+HEADS = ("classifier", "score")  # classification heads lorakit trains as modules_to_save
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+NAME_RULE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message.role }}|>\n{{ message.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class ServeError(LorakitError):
+    """A request the engine refuses; carries the HTTP status and OpenAI error code."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+# ---------------------------------------------------------------------------------------------
+# events a job hands back (from the worker thread, through the job's ``emit`` callback)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int
+    message: str
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class Classified:
+    results: list[dict[str, Any]]
+    prompt_tokens: int
+
+
+Event = Delta | Finished | Failed | Classified
+
+
+class _EmittingJob(Job):
+    def __init__(self, emit: Callable[[Event], None]) -> None:
+        super().__init__()
+        self._emit = emit
+        self.finished = False
+
+    def emit(self, event: Event) -> None:
+        if self.finished:
+            return
+        if isinstance(event, Finished | Failed | Classified):
+            self.finished = True
+        try:
+            self._emit(event)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            self.cancelled = True
+
+    def fail(self, status: int, message: str, code: str | None = None) -> None:
+        self.emit(Failed(status, message, code))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class GenerationJob(_EmittingJob):
+    def __init__(self, adapter: str, prompt_ids: list[int], params: SamplingParams,
+                 emit: Callable[[Event], None]) -> None:
+        super().__init__(emit)
+        self.adapter, self.prompt_ids, self.params = adapter, list(prompt_ids), params
+
+
+class ClassificationJob(_EmittingJob):
+    def __init__(self, adapter: str, inputs: list[list[int]], emit: Callable[[Event], None]) -> None:
+        super().__init__(emit)
+        self.adapter, self.inputs = adapter, inputs
+        self.rows = len(inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding state of one row
+# ---------------------------------------------------------------------------------------------
+def stop_scan(text: str, stops: tuple[str, ...], final: bool = False) -> tuple[int | None, int]:
+    """(where the earliest stop string starts or None, how much of ``text`` is safe to send).
+
+    Trailing U+FFFD (an unfinished UTF-8 character so far) may still change, so until ``final``
+    it is neither searched for stops nor sent; text that could still grow into a stop string
+    (a suffix that is a prefix of one) is held back too.
+    """
+    stable = text if final else text.rstrip("\ufffd")
+    hits = [i for i in (stable.find(s) for s in stops) if i >= 0]
+    if hits:
+        return min(hits), min(hits)
+    safe = len(stable)
+    for s in stops:
+        for k in range(min(len(s) - 1, len(stable)), 0, -1):
+            if stable.endswith(s[:k]):
+                safe = min(safe, len(stable) - k)
+                break
+    return None, safe
+
+
+class _Row:
+    def __init__(self, job: GenerationJob, engine: Engine) -> None:
+        self.job, self.engine = job, engine
+        self.ids: list[int] = []
+        self.sent = 0
+        p = job.params
+        self.generator = None
+        if p.temperature > 0:
+            self.generator = torch.Generator()
+            if p.seed is not None:
+                self.generator.manual_seed(p.seed)
+            else:
+                self.generator.seed()
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """Sample one token from this row's logits (float32, vocabulary sized)."""
+        p = self.job.params
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more likely tokens
+            sorted_p[before >= p.top_p] = 0.0  # keeps at least the most likely token
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def step(self, token: int) -> bool:
+        """Take one generated token; False when the row has finished."""
+        p = self.job.params
+        ended = token in self.engine.eos_ids
+        if not ended:
+            self.ids.append(token)
+        last = ended or len(self.ids) >= p.max_tokens
+        text = self._text()
+        cut, safe = stop_scan(text, p.stop, final=last)
+        if cut is not None:
+            return self._finish("stop", text[:cut])
+        if last:
+            return self._finish("stop" if ended else "length", text)
+        if safe > self.sent:
+            self.job.emit(Delta(text[self.sent:safe]))
+            self.sent = safe
+        return True
+
+    def _text(self) -> str:
+        return self.engine.decode(self.ids)
+
+    def _finish(self, reason: str, text: str) -> bool:
+        if len(text) > self.sent:
+            self.job.emit(Delta(text[self.sent:]))
+        self.job.emit(Finished(reason, len(self.job.prompt_ids), len(self.ids)))
+        return False
+
+
+@dataclass
+class _Batch:
+    """Rows being decoded together: the next input ids (b, t), the attention mask over cache +
+    input (b, cache + t), the input's positions (b, t) and the KV cache (None before prefill)."""
+
+    rows: list[_Row]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    position: torch.Tensor
+    cache: Any
+
+
+def _mergeable(cache) -> bool:
+    """Caches made only of plain dynamic layers can be padded and concatenated along the batch."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and layer.keys is not None for layer in layers)
+
+
+def _merge(running: _Batch, joining: _Batch | None) -> _Batch:
+    """One batch from two: the shorter cache is left-padded (masked out), then rows are stacked."""
+    if joining is None:  # every new row finished on its first token
+        return running
+    if not _mergeable(joining.cache) or len(joining.cache.layers) != len(running.cache.layers):
+        raise RuntimeError("cannot merge KV caches of different structure")
+    width = max(running.mask.shape[1], joining.mask.shape[1])
+
+    def pad(batch: _Batch) -> tuple[int, torch.Tensor]:
+        extra = width - batch.mask.shape[1]
+        return extra, torch.nn.functional.pad(batch.mask, (extra, 0))
+
+    extra_a, mask_a = pad(running)
+    extra_b, mask_b = pad(joining)
+    for a, b in zip(running.cache.layers, joining.cache.layers, strict=True):
+        a.keys = torch.cat([torch.nn.functional.pad(a.keys, (0, 0, extra_a, 0)),
+                            torch.nn.functional.pad(b.keys, (0, 0, extra_b, 0))])
+        a.values = torch.cat([torch.nn.functional.pad(a.values, (0, 0, extra_a, 0)),
+                              torch.nn.functional.pad(b.values, (0, 0, extra_b, 0))])
+    return _Batch(running.rows + joining.rows, torch.cat([running.ids, joining.ids]), torch.cat([mask_a, mask_b]),
+                  torch.cat([running.position, joining.position]), running.cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Metrics:
+    batches: int = 0
+    forward_calls: int = 0
+    forward_rows: int = 0
+    max_rows: int = 0
+    jobs: int = 0
+    joined: int = 0  # jobs that joined a running generation between steps
+    generated_tokens: int = 0
+    adapters_per_forward: int = 0  # summed over forwards: distinct adapters (incl. base) in each
+    started: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        calls = max(self.forward_calls, 1)
+        return {
+            "batches": self.batches, "forward_calls": self.forward_calls, "forward_rows": self.forward_rows,
+            "mean_rows_per_forward": self.forward_rows / calls, "max_rows_per_forward": self.max_rows,
+            "mean_adapters_per_forward": self.adapters_per_forward / calls, "jobs": self.jobs,
+            "joined_running_batch": self.joined,
+            "generated_tokens": self.generated_tokens, "uptime_s": time.time() - self.started,
+        }
+
+
+class Engine:
+    """A frozen base model with named adapters, run in mixed-adapter batches by one worker thread."""
+
+    def __init__(self, model: AdaptedModel, tokenizer, *, task: str, adapter_root: str | Path,
+                 model_spec: str = "", max_prompt_tokens: int = 2048, max_tokens_limit: int = 512,
+                 base_classifies: bool = False, label_names: dict[str, list[str]] | None = None) -> None:
+        if task not in ("causal-lm", "classify"):
+            raise ConfigError(f"task must be 'causal-lm' or 'classify', got {task!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.task = task
+        self.adapter_root = Path(adapter_root).resolve()
+        self.model_spec = model_spec
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_tokens_limit = max_tokens_limit
+        self.base_classifies = base_classifies
+        self.label_names: dict[str, list[str]] = dict(label_names or {})
+        self.sources: dict[str, str] = {}
+        self.lock = threading.RLock()  # held by a running batch and by adapter changes
+        self._admin_waiting = 0  # adapter changes waiting for the lock: running batches stop admitting jobs
+        self._admin_lock = threading.Lock()
+        self._served: tuple[str, ...] = ()
+        self._refresh()
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        config = model.model.config
+        self.pad_id = _first_int(getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None), 0)
+        self.eos_ids = _eos_ids(tokenizer, model.model)
+        self.max_length = _max_length(config)
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or 0)
+        self.num_labels = int(getattr(config, "num_labels", 0) or 0)
+        forward = inspect.signature(model.model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in forward
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"  # transformers 5.x renamed it
+        self._decode_cleanup = "clean_up_tokenization_spaces" in inspect.signature(tokenizer.decode).parameters or \
+            hasattr(tokenizer, "clean_up_tokenization_spaces")
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids → text, without the clean-up that would rewrite text already streamed."""
+        if self._decode_cleanup:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- what is served ----------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """The served adapters (a snapshot: request handlers read it without waiting for the lock)."""
+        return list(self._served)
+
+    def _refresh(self) -> None:
+        self._served = tuple(n for n in self.model.configs if not n.endswith("__incoming"))
+
+    @contextlib.contextmanager
+    def _changing(self):
+        """The lock for an adapter change; running batches stop admitting new jobs until it is done."""
+        with self._admin_lock:
+            self._admin_waiting += 1
+        try:
+            with self.lock:
+                try:
+                    yield
+                finally:
+                    self._refresh()
+        finally:
+            with self._admin_lock:
+                self._admin_waiting -= 1
+
+    def has(self, name: str) -> bool:
+        return name == BASE or name in self.adapter_names()
+
+    def require(self, name: str) -> None:
+        if not self.has(name):
+            served = ", ".join([BASE, *self.adapter_names()])
+            raise ServeError(404, f"The model `{name}` does not exist. Served: {served}", "model_not_found", "model")
+        if self.task == "classify" and name == BASE and not self.base_classifies:
+            raise ServeError(400, "the base model has no trained classification head; name an adapter that carries one",
+                             "invalid_model", "model")
+
+    # -- adapters ----------------------------------------------------------------------------
+    def resolve_under_root(self, path: str) -> Path:
+        """An adapter folder given relative to (or absolute inside) the adapter root; 403 if it escapes."""
+        if not path or "\x00" in path:
+            raise ServeError(400, "path must be a non-empty folder name under the adapter root", param="path")
+        folder = (self.adapter_root / path).resolve()
+        if folder == self.adapter_root or not folder.is_relative_to(self.adapter_root):
+            raise ServeError(403, f"path {path!r} is outside the adapter root; adapters load only from folders "
+                             "under --adapters", "path_not_allowed", "path")
+        if not (folder / CONFIG_NAME).is_file():
+            raise ServeError(400, f"path {path!r} is not an adapter folder (no {CONFIG_NAME})", "invalid_adapter",
+                             "path")
+        return folder
+
+    def load(self, name: str, path: str) -> dict[str, Any]:
+        """Load (or hot-swap) adapter ``name`` from a folder under the root. Nothing changes on error."""
+        check_name(name)
+        folder = self.resolve_under_root(path)
+        try:
+            labels = self._check_head(folder)
+            with self._changing():
+                replaced = name in self.model.configs
+                if replaced:
+                    self.model.replace_adapter(name, str(folder))
+                else:
+                    load_adapter(self.model, folder, name=name, activate=False)
+                self.label_names[name] = labels
+                self.sources[name] = str(folder)
+        except ServeError:
+            raise
+        except (LorakitError, OSError) as exc:  # corrupt files, wrong shapes, another base's fingerprint
+            raise ServeError(400, f"cannot load adapter {name!r} from {path!r}: {exc}", "invalid_adapter") from exc
+        log.info("%s adapter %r from %s", "replaced" if replaced else "loaded", name, folder)
+        return {"id": name, "object": "adapter", "path": str(folder.relative_to(self.adapter_root)),
+                "replaced": replaced}
+
+    def unload(self, name: str) -> None:
+        if name == BASE:
+            raise ServeError(400, "the base model cannot be unloaded", "invalid_model", "name")
+        with self._changing():
+            if name not in self.model.configs:
+                raise ServeError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
+            self.model.delete_adapter(name)
+            self.label_names.pop(name, None)
+            self.sources.pop(name, None)
+
+    def _check_head(self, folder: Path) -> list[str]:
+        """For a classifier server: the adapter must carry a head of the served size. Its label names."""
+        if self.task != "classify":
+            return []
+        heads, metadata = _adapter_heads(folder)
+        if not heads:
+            raise ServeError(400, f"adapter {folder.name!r} carries no classification head ({', '.join(HEADS)}); a "
+                             "classifier server needs one per adapter", "invalid_adapter")
+        if heads[0] != self.num_labels:
+            raise ServeError(400, f"adapter {folder.name!r} has a {heads[0]}-label head; this server's base was "
+                             f"built with {self.num_labels} labels", "invalid_adapter")
+        names = metadata.get("label_names")
+        return [str(n) for n in names] if isinstance(names, list) and len(names) == self.num_labels else []
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        else:
+            ids = list(prompt)
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ServeError(400, f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                 f"(0..{self.vocab_size - 1})", param="prompt")
+        return ids
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages → prompt ids with the tokenizer's template, or DEFAULT_CHAT_TEMPLATE."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(default_chat_text(messages), add_special_tokens=True))
+
+    def check_generation(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if self.task != "causal-lm":
+            raise ServeError(400, "this server serves a classification model; use POST /v1/classify",
+                             "invalid_request")
+        if not prompt_ids:
+            raise ServeError(400, "the prompt is empty (no tokens to continue from)", param="prompt")
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise ServeError(400, f"the prompt has {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens} "
+                             "(--max-prompt-tokens)", "context_length_exceeded", "prompt")
+        if max_tokens > self.max_tokens_limit:
+            raise ServeError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.max_tokens_limit} "
+                             "(--max-tokens-limit)", "max_tokens_exceeded", "max_tokens")
+        if self.max_length and len(prompt_ids) + max_tokens > self.max_length:
+            raise ServeError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"context of {self.max_length} tokens", "context_length_exceeded", "max_tokens")
+
+    def encode_inputs(self, texts: list[str]) -> list[list[int]]:
+        if self.task != "classify":
+            raise ServeError(400, "this server serves a causal LM; /v1/classify needs a classification model",
+                             "invalid_request")
+        limit = min(self.max_prompt_tokens, self.max_length or self.max_prompt_tokens)
+        out = []
+        for i, text in enumerate(texts):
+            ids = list(self.tokenizer.encode(text, add_special_tokens=True))
+            if len(ids) > limit:
+                raise ServeError(400, f"input {i} has {len(ids)} tokens; the limit is {limit}",
+                                 "context_length_exceeded", "input")
+            out.append(ids or [self.pad_id])
+        return out
+
+    # -- the worker thread's side ------------------------------------------------------------
+    def run_batch(self, jobs: list[Job], take: Callable[[int], list[Job]] | None = None) -> None:
+        """Run a batch (in the batcher's worker thread). ``take(busy_rows)`` hands out more queued
+        jobs; they join the running generation between decoding steps (continuous batching)."""
+        with self.lock, torch.no_grad():
+            self.metrics.batches += 1
+            generation = self._admit(jobs)
+            if generation:
+                self._generate(generation, take)
+
+    def _admit(self, jobs: list[Job]) -> list[GenerationJob]:
+        """Fail jobs for unknown adapters, answer classification jobs now; the generation jobs."""
+        self.metrics.jobs += len(jobs)
+        live = []
+        for job in jobs:
+            try:
+                self.require(job.adapter)
+            except ServeError as exc:
+                job.fail(exc.status, exc.message, exc.code)
+                continue
+            live.append(job)
+        classification = [j for j in live if isinstance(j, ClassificationJob)]
+        if classification:
+            self._classify(classification)
+        return [j for j in live if isinstance(j, GenerationJob)]
+
+    def _forward(self, names: list[str], cache=None, **inputs):
+        if "use_cache" in inputs:  # decoding: only the last position's logits are needed
+            inputs[self._cache_arg] = cache
+            if self._logits_to_keep:
+                inputs["logits_to_keep"] = 1
+        self.metrics.forward_calls += 1
+        self.metrics.forward_rows += len(names)
+        self.metrics.max_rows = max(self.metrics.max_rows, len(names))
+        self.metrics.adapters_per_forward += len(set(names))
+        return self.model(adapter_names=names, **inputs)
+
+    def _generate(self, jobs: list[GenerationJob], take: Callable[[int], list[Job]] | None) -> None:
+        batch = self._step(self._prefill(jobs))
+        while batch is not None:
+            if take is not None and not self._admin_waiting and _mergeable(batch.cache):
+                joining = self._admit(take(len(batch.rows)))
+                if joining:
+                    self.metrics.joined += len(joining)
+                    batch = _merge(batch, self._step(self._prefill(joining)))
+            batch = self._step(batch)
+
+    def _prefill(self, jobs: list[GenerationJob]) -> _Batch:
+        """Left-padded prompts with their attention mask and positions (padding changes nothing)."""
+        rows = [_Row(job, self) for job in jobs]
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, job in enumerate(jobs):
+            n = len(job.prompt_ids)
+            ids[i, width - n:] = torch.tensor(job.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        return _Batch(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None)
+
+    def _step(self, batch: _Batch | None) -> _Batch | None:
+        """One forward for every row, one token each; finished rows leave. None when all finished."""
+        if batch is None:
+            return None
+        rows = batch.rows
+        out = self._forward([r.job.adapter for r in rows], batch.cache, input_ids=batch.ids,
+                            attention_mask=batch.mask, position_ids=batch.position, use_cache=True)
+        cache = out.cache if self._cache_arg == "cache" else out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        tokens = logits.argmax(-1)
+        keep = []
+        for i, row in enumerate(rows):
+            if row.job.cancelled:
+                continue
+            token = row.choose(logits[i]) if row.generator is not None else int(tokens[i])
+            tokens[i] = token
+            self.metrics.generated_tokens += 1
+            if row.step(token):
+                keep.append(i)
+        if not keep:
+            return None
+        mask, position = batch.mask, batch.position
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, dtype=torch.long)
+            cache.batch_select_indices(index)
+            rows = [rows[i] for i in keep]
+            tokens, mask, position = tokens[index], mask[index], position[index]
+            mask, cache = _trim_left_padding(mask, cache)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        return _Batch(rows, tokens.unsqueeze(1), mask, position[:, -1:] + 1, cache)
+
+    def _classify(self, jobs: list[ClassificationJob]) -> None:
+        inputs = [(job, ids) for job in jobs for ids in job.inputs]
+        width = max(len(ids) for _, ids in inputs)
+        batch = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for i, (_, ids) in enumerate(inputs):
+            batch[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[i, : len(ids)] = 1
+        names = [job.adapter for job, _ in inputs]
+        logits = self._forward(names, input_ids=batch, attention_mask=mask).logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        row = 0
+        for job in jobs:
+            labels = self.label_names.get(job.adapter) or [str(i) for i in range(probs.shape[-1])]
+            results = []
+            for index in range(len(job.inputs)):
+                p = probs[row]
+                best = int(p.argmax())
+                results.append({"index": index, "label": labels[best], "label_id": best,
+                                "probabilities": {labels[k]: float(p[k]) for k in range(len(labels))}})
+                row += 1
+            job.emit(Classified(results, sum(len(ids) for ids in job.inputs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# building an engine from the command line's terms
+# ---------------------------------------------------------------------------------------------
+def build_engine(model_spec: str, adapter_root: str | Path, *, max_prompt_tokens: int = 2048,
+                 max_tokens_limit: int = 512, seed: int = 0) -> Engine:
+    """Load the base (``default``, a folder or ``random:...``), its tokenizer, and every adapter
+    folder under ``adapter_root`` (a subfolder holding adapter_config.json) under its folder name."""
+    from lorakit.train.models import load_model, load_tokenizer, random_config, resolve_model_dir
+
+    root = Path(adapter_root)
+    if not root.is_dir():
+        raise ConfigError(f"--adapters {adapter_root} is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    for folder in folders:
+        check_name(folder.name, ConfigError)
+    heads = {}
+    for folder in folders:
+        try:
+            heads[folder.name] = _adapter_heads(folder)
+        except AdapterFileError as exc:
+            raise ConfigError(f"adapter folder {folder} cannot be served: {exc}") from exc
+    with_head = {n: h[0][0] for n, h in heads.items() if h[0]}
+    folder_dir = resolve_model_dir(model_spec)
+    if folder_dir is None:
+        arch_config = random_config(model_spec)
+    else:
+        from transformers import AutoConfig
+
+        arch_config = AutoConfig.from_pretrained(folder_dir)
+    architectures = list(getattr(arch_config, "architectures", None) or [])
+    causal = any(a.endswith(CAUSAL_SUFFIXES) for a in architectures) or (
+        folder_dir is None and arch_config.model_type in ("llama", "gpt2"))
+    base_classifies = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if with_head or not causal:
+        task = "classify"
+        sizes = sorted(set(with_head.values()))
+        if len(sizes) > 1:
+            raise ConfigError(f"the adapters' classification heads have different label counts {with_head}; serve "
+                              "adapters of one label count per server")
+        missing = sorted(set(heads) - set(with_head))
+        if missing:
+            raise ConfigError(f"adapters {missing} carry no classification head while {sorted(with_head)} do; a "
+                              "classifier server needs a head in every adapter")
+        if sizes:
+            num_labels = sizes[0]
+            base_classifies = base_classifies and getattr(arch_config, "num_labels", None) == num_labels
+        elif base_classifies:
+            num_labels = int(arch_config.num_labels)
+        else:
+            described = ", ".join(architectures) or "no architectures in its config"
+            raise ConfigError(f"model {model_spec!r} is not a causal LM ({described}) and no adapter carries a "
+                              "classification head; serve needs a causal LM or classifier adapters")
+        model = load_model(model_spec, "classify", num_labels=num_labels, seed=seed)
+    else:
+        task = "causal-lm"
+        base_classifies = False
+        model = load_model(model_spec, "causal-lm", seed=seed)
+    tokenizer = load_tokenizer(model_spec)
+    adapted = AdaptedModel(model.eval())
+    labels: dict[str, list[str]] = {}
+    sources: dict[str, str] = {}
+    for folder in folders:
+        try:
+            load_adapter(adapted, folder, name=folder.name, activate=False)
+        except LorakitError as exc:
+            raise ConfigError(f"adapter folder {folder} cannot be served: {exc}") from exc
+        metadata_labels = heads[folder.name][1].get("label_names")
+        if isinstance(metadata_labels, list) and task == "classify" and len(metadata_labels) == model.config.num_labels:
+            labels[folder.name] = [str(n) for n in metadata_labels]
+        sources[folder.name] = str(folder.resolve())
+    engine = Engine(adapted, tokenizer, task=task, adapter_root=root, model_spec=model_spec,
+                    max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                    base_classifies=base_classifies, label_names=labels)
+    engine.sources.update(sources)
+    log.info("serving %s (%s) with %d adapters: %s", model_spec, task, len(folders), ", ".join(f.name for f in folders))
+    return engine
+
+
+def check_name(name: str, error: type[Exception] | None = None) -> None:
+    if name == BASE or not NAME_RULE.match(name or "") or name.endswith("__incoming"):
+        message = (f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' (at most 128, not "
+                   f"{BASE!r})")
+        if error is not None:
+            raise error(message)
+        raise ServeError(400, message, "invalid_adapter_name", "name")
+
+
+def default_chat_text(messages: list[dict[str, str]]) -> str:
+    """DEFAULT_CHAT_TEMPLATE rendered without Jinja (identical text)."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+
+def _adapter_heads(folder: Path) -> tuple[list[int], dict[str, Any]]:
+    """(label counts of the classification heads an adapter file carries, its lorakit metadata)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+            metadata = f.metadata() or {}
+            sizes = [int(f.get_slice(k).get_shape()[0]) for k in f.keys()  # noqa: SIM118
+                     if k.endswith(".weight") and any(part in HEADS for part in k.split(".")[2:-1])]
+    except Exception as exc:  # a missing or damaged file: the loader gives the full story
+        raise AdapterFileError(f"{folder / WEIGHTS_NAME} cannot be read ({exc}); the file is corrupt or truncated") \
+            from exc
+    try:
+        lorakit_meta = json.loads(metadata.get("lorakit", "{}"))
+    except json.JSONDecodeError:
+        lorakit_meta = {}
+    return sizes, lorakit_meta if isinstance(lorakit_meta, dict) else {}
+
+
+def _trim_left_padding(mask: torch.Tensor, cache) -> tuple[torch.Tensor, Any]:
+    """Drop leading columns no remaining row attends to (after long prompts have finished)."""
+    used = mask.any(dim=0).nonzero()
+    first = int(used[0]) if used.numel() else 0
+    layers = getattr(cache, "layers", None)
+    if first == 0 or not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+        return mask, cache
+    for layer in layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., first:, :]
+            layer.values = layer.values[..., first:, :]
+    return mask[:, first:], cache
+
+
+def _first_int(*values) -> int:
+    for v in values:
+        if isinstance(v, int):
+            return v
+        if isinstance(v, list | tuple) and v and isinstance(v[0], int):
+            return v[0]
+    return 0
+
+
+def _eos_ids(tokenizer, model) -> frozenset[int]:
+    ids: set[int] = set()
+    sources = [getattr(tokenizer, "eos_token_id", None),
+               getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+               getattr(model.config, "eos_token_id", None)]
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+def _max_length(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
