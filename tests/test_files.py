@@ -161,3 +161,11 @@ def test_loading_twice_under_one_name_is_refused(base, saved):
         lorakit.load_adapter(am, saved, name="x")
     lorakit.load_adapter(am, saved, name="y")
     assert [i.name for i in am.list_adapters()] == ["x", "y"]
+
+
+def test_saved_files_get_the_usual_permissions(saved):
+    """Atomic writes go through a private temp file; the result must still be readable by others."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert os.stat(saved / name).st_mode & 0o777 == 0o666 & ~mask, name

@@ -73,8 +73,14 @@ def test_listing_with_parameter_counts(base):
     assert set(info) == {"a", "b"}
     assert info["a"].modules == 4 and info["a"].rank == 4 and info["a"].active
     # q_proj: 64→64, v_proj: 64→32 (2 kv heads of 16); r=4 → 4*(64+64) + 4*(64+32) per layer
-    assert info["a"].trainable_params == 2 * (4 * 128 + 4 * 96)
+    assert info["a"].trainable_params == info["a"].params == 2 * (4 * 128 + 4 * 96)
     assert info["b"].method == "dora" and not info["b"].active
+    # An inactive adapter still reports what training it would update; LoRA-FA's frozen A is not in it.
+    am.add_adapter("fa", lorakit.AdapterConfig(method="lora-fa", r=4, target_modules=["q_proj"]))
+    fa = {i.name: i for i in am.list_adapters()}["fa"]
+    assert not fa.active
+    assert fa.trainable_params == 2 * 4 * 64  # B (64×4) per layer
+    assert fa.params == 2 * (4 * 64 + 64 * 4)
 
 
 def test_unknown_names_are_errors(base):
@@ -113,6 +119,23 @@ def test_delete_merged_adapter_unmerges_first(base):
     assert_close(logits(am), expected, atol=1e-5, rtol=0)
     am.delete_adapter("a")
     assert_close(logits(am), logits(base), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_merging_stacked_lora_and_dora_equals_running_them_unmerged(base, order):
+    """DoRA's row norm in the unmerged forward is that of the base weight plus its own update;
+    merging must not fold the LoRA merged before it into that norm."""
+    am = two_adapters(base)
+    am.set_active(*order)
+    expected = logits(am)
+    assert (expected - logits(base)).abs().max() > 1e-2
+    am.merge()
+    assert_close(logits(am), expected, atol=3e-5, rtol=1e-5)
+    am.unmerge()
+    assert_close(logits(am), expected, atol=3e-5, rtol=1e-5)
+    merged_copy = am.merge_and_unload()
+    with torch.no_grad():
+        assert_close(merged_copy(input_ids=ids()).logits, expected, atol=3e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -71,6 +71,9 @@ def test_classify_run_writes_every_output(tmp_path, data):
     assert summary["adapter_bytes"] == (out / "adapter" / "adapter_model.safetensors").stat().st_size
     # The adapter file carries the classifier head and loads back onto the same random base.
     assert any(k.endswith("classifier.weight") for k in adapter_tensors(out))
+    # ... and the label names, in training's order, for `lorakit merge` and `lorakit serve`.
+    metadata = lorakit.io.adapter_files.read_adapter(out / "adapter").lorakit
+    assert metadata["label_names"] == ["bad", "good"] and metadata["task"] == "classify"
 
 
 def test_same_seed_same_adapter_twice(tmp_path, data):

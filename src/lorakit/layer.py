@@ -102,10 +102,11 @@ class AdaptedLayer(nn.Module):
         if W_view.dtype not in _EXACT_DTYPES and self._weight_before_merge is None:
             self._weight_before_merge = self.base_layer.weight.detach().clone()
         W = W_view.float()
+        W_start = W
         for name in todo:
             adapter = self.adapters[name]
-            new = adapter.merged_weight(W)
-            if not torch.isfinite(new).all():
+            new = adapter.merged_weight(W, forward_base=W_start)
+            if not _all_finite(new):
                 raise ValueError(f"merging adapter {name!r} would write NaN/Inf into the base weight; not merged")
             W = new
             self.merged.append(name)
@@ -118,8 +119,8 @@ class AdaptedLayer(nn.Module):
         W0 = self.kind.weight_matrix(self.base_layer).float()
         W = W0
         for name in [n for n in names if n in self.adapters]:
-            W = self.adapters[name].merged_weight(W)
-            if not torch.isfinite(W).all():
+            W = self.adapters[name].merged_weight(W, forward_base=W0)
+            if not _all_finite(W):
                 raise ValueError(f"merging adapter {name!r} would write NaN/Inf into the weight; not merged")
         moved = (W - W0).abs().max().item() if W is not W0 else 0.0
         return self.kind.to_plain(self.base_layer, W), moved
@@ -161,3 +162,15 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"
+
+
+def _all_finite(W: torch.Tensor) -> bool:
+    """True when W holds no NaN or ±Inf.
+
+    min and max propagate NaN and equal ±Inf when any entry is, so checking those two is exact
+    and reads W once, without the bool tensor of W's size that ``isfinite(W).all()`` builds
+    (which cost more than the merge itself on a CPU).
+    """
+    if W.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(W))).all())

@@ -34,7 +34,8 @@ class AdapterInfo:
     method: str
     rank: int
     modules: int
-    trainable_params: int
+    trainable_params: int  # what training it updates (not LoRA-FA's frozen A, not VeRA's shared projections)
+    params: int  # every tensor the adapter holds of its own
     active: bool
     merged: bool
 
@@ -259,14 +260,12 @@ class AdaptedModel(nn.Module):
         infos = []
         for name, config in self.configs.items():
             layers = self.layers_of(name)
-            params = sum(
-                p.numel()
-                for p in self._adapter_parameters(name)
-            )
+            params = sum(p.numel() for p in self._adapter_parameters(name))
+            trainable = sum(p.numel() for p in self._adapter_parameters(name, trainable_only=True))
             infos.append(
                 AdapterInfo(
                     name=name, method=config.method, rank=config.r, modules=len(layers),
-                    trainable_params=params, active=name in self.active,
+                    trainable_params=trainable, params=params, active=name in self.active,
                     merged=any(name in layer.merged for layer in layers.values()),
                 )
             )
@@ -343,8 +342,11 @@ class AdaptedModel(nn.Module):
             known = ", ".join(self.configs) or "none"
             raise AdapterNotFoundError(f"no adapter named {name!r} on this model (loaded: {known})")
 
-    def _adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        params = [p for m in self.adapter_modules(name).values() for p in m.parameters(recurse=False)]
+    def _adapter_parameters(self, name: str, trainable_only: bool = False) -> list[nn.Parameter]:
+        """The adapter's own tensors; with ``trainable_only``, those its method trains (whatever
+        requires_grad says now: an inactive or frozen adapter's are switched off)."""
+        params = [p for m in self.adapter_modules(name).values() for pname, p in m.named_parameters(recurse=False)
+                  if not trainable_only or pname in m.trainable]
         params += [p for s in self.saved_modules().values() if name in s.copies for p in s.copies[name].parameters()]
         return params
 

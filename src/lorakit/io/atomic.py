@@ -16,6 +16,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600; a saved adapter should get the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -23,6 +25,13 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -57,8 +57,13 @@ class AdapterMethod(nn.Module):
         return B.float() @ A.float()
 
     # -- merging -----------------------------------------------------------------------------
-    def merged_weight(self, W: torch.Tensor) -> torch.Tensor:
-        """W' from a float32 (out, in) W. Additive methods add delta_weight()."""
+    def merged_weight(self, W: torch.Tensor, forward_base: torch.Tensor | None = None) -> torch.Tensor:
+        """W' from a float32 (out, in) W. Additive methods add delta_weight().
+
+        ``forward_base`` is the weight the unmerged forward sees as the base layer's (W without
+        adapters merged in the same call); only methods whose update depends on W (DoRA) use it,
+        so that merging several adapters at once gives what running them unmerged gave.
+        """
         return W + self.delta_weight()
 
     def unmerged_weight(self, W_merged: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,13 @@ class DoRA(LoRA):
             self._w_sq_key = key
         return self._w_sq
 
-    def merged_weight(self, W: torch.Tensor) -> torch.Tensor:
-        combined = W + self.delta_weight()
-        norm = combined.norm(dim=1)
+    def merged_weight(self, W: torch.Tensor, forward_base: torch.Tensor | None = None) -> torch.Tensor:
+        # The unmerged forward scales the running output (base plus any adapters applied before
+        # this one) by m / ||W_base + s·B A||, W_base being the weight the base layer holds. Merging
+        # must use that same norm, not the norm of W with earlier adapters of this merge added in.
+        delta = self.delta_weight()
+        combined = W + delta
+        norm = combined.norm(dim=1) if forward_base is None else (forward_base + delta).norm(dim=1)
         self._merged_norm = norm
         return combined * (self.lora_magnitude_vector.detach().float() / norm).unsqueeze(1)
 

@@ -63,11 +63,20 @@ class RunOutputs:
         """The adapter in PEFT's layout (or the whole model for full / head baselines); its size in bytes."""
         import lorakit
 
+        labels = prepared.label_names
         if prepared.adapted is not None:
+            # The label names travel with the adapter, so `lorakit merge` and `lorakit serve` can
+            # answer "positive" rather than "1".
+            metadata = {"quantize": config.quantize, "task": config.task}
+            if labels:
+                metadata["label_names"] = list(labels)
             lorakit.save_adapter(prepared.adapted, self.adapter_dir,
                                  base_model_name_or_path=None if config.model.startswith("random:") else config.model,
-                                 extra_metadata={"quantize": config.quantize})
+                                 extra_metadata=metadata)
             return (self.adapter_dir / "adapter_model.safetensors").stat().st_size
+        if labels and hasattr(prepared.model, "config"):
+            prepared.model.config.id2label = dict(enumerate(labels))
+            prepared.model.config.label2id = {name: i for i, name in enumerate(labels)}
         target = self.folder / "model"
         prepared.model.save_pretrained(target)
         return sum(p.stat().st_size for p in target.glob("*.safetensors"))
