@@ -59,6 +59,7 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint interval in steps; None: at every evaluation
     keep_last: int = 2  # checkpoints kept
     seed: int = 0
+    threads: int = 0  # torch CPU threads; 0: torch's default (one per core)
     out: str = "runs/train"
     resume: bool = False
     quiet: bool = False
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.bf16 not in ("auto", "on", "off"):
             raise ConfigError(f"--bf16 must be auto, on or off, got {self.bf16!r}")
+        if self.threads < 0:
+            raise ConfigError("--threads must be 0 (torch's default) or more")
         for name in ("batch_size", "grad_accum", "epochs", "rank", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

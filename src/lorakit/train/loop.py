@@ -239,8 +239,11 @@ class Trainer:
             )
 
     def _log_groups(self) -> None:
-        groups = ", ".join(f"{g.get('name', i)}: lr {g['lr']:.3g} ({sum(p.numel() for p in g['params']):,d} params)"
-                           for i, g in enumerate(self.optimizer.param_groups))
+        # The peak lr of each group (the schedule's warmup starts below it), so a LoRA+ ratio is visible.
+        groups = ", ".join(
+            f"{g.get('name', i)}: lr {g.get('initial_lr', g['lr']):.3g} "
+            f"({sum(p.numel() for p in g['params']):,d} params)"
+            for i, g in enumerate(self.optimizer.param_groups))
         self.outputs.say(f"optimizer groups at step {self.state['step']}: {groups}")
 
     def _checkpoint(self) -> None:
@@ -308,6 +311,9 @@ def _replace_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job end to end and return its summary."""
+    if config.threads:
+        # On a shared CPU, fewer threads than cores avoids each op waiting for a descheduled thread.
+        torch.set_num_threads(config.threads)
     return Trainer(config).run()
 
 
