@@ -152,3 +152,41 @@ def test_hot_swap_replaces_for_the_next_batch_and_refuses_bad_files(tmp_path):
             served.replace_adapter("team", tmp_path / "foreign")
         assert [i.name for i in served.list_adapters()] == ["team"]
         assert_close(served(input_ids=ids).logits, want_two, atol=1e-5, rtol=0)
+
+
+def test_stacks_survive_new_mixes_and_follow_changed_adapters():
+    """The per-layer stack holds every adapter: a new mix copies nothing; a changed, deleted or
+    added adapter reaches the next batch (slot rewritten, reused, or the stack grown/rebuilt)."""
+    am = lorakit.adapt(tiny_llama(layers=1), lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), "a")
+    am.add_adapter("b", lorakit.AdapterConfig(r=4, target_modules=["q_proj"]))
+    am.add_adapter("d", lorakit.AdapterConfig(method="dora", r=3, target_modules=["q_proj", "v_proj"]))
+    randomise(am, seed=1)
+    am.eval()
+    path, layer = next((p, la) for p, la in am.adapted_layers().items() if p.endswith("q_proj"))
+    ids = torch.randint(0, 128, (3, 4), generator=torch.Generator().manual_seed(0))
+
+    def check(names: list[str]) -> None:
+        mixed = am(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            assert_close(mixed[row], alone(am, name, ids[row:row + 1])[0], atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        check(["a", "b", "base"])
+        stack = layer._stack
+        check(["b", "d", "a"])
+        assert layer._stack is stack  # a new mix: nothing rebuilt
+        am.adapter_modules("b")[path].lora_B.mul_(-2)  # training or loading writes in place
+        check(["b", "b", "a"])
+        am.delete_adapter("b")  # hot swap: the new adapter takes the freed slot
+        am.add_adapter("c", lorakit.AdapterConfig(r=3, target_modules=["q_proj"]), activate=False)
+        randomise(am, seed=2)
+        check(["c", "base", "d"])
+        assert layer._stack is stack
+        am.add_adapter("e", lorakit.AdapterConfig(r=1, target_modules=["q_proj"]), activate=False)
+        randomise(am, seed=3)
+        check(["e", "c", "a"])  # no free slot: grown
+        am.add_adapter("wide", lorakit.AdapterConfig(r=8, target_modules=["q_proj"]), activate=False)
+        randomise(am, seed=4)
+        check(["wide", "e", "d"])  # a larger rank: rebuilt
+        am.rename_adapter("wide", "w")
+        check(["a", "w", "c"])

@@ -98,6 +98,23 @@ def test_loraplus_and_gradient_svd(tmp_path, data, capsys):
     assert run(*small(tmp_path / "gsvd", *data), "--init", "gradient-svd", "--init-batches", "2") == 0
 
 
+def test_bf16_autocast_trains_float32_adapters_close_to_float32(tmp_path, data):
+    """--bf16 on (the default on AMX CPUs and bf16 GPUs): matrix products in bf16, adapter
+    weights and optimizer state in float32, and the first step's loss close to float32's."""
+    from lorakit.train.loop import bf16_is_fast
+
+    losses = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        assert run(*small(out, *data, "--bf16", mode)) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in records if "loss" in r]
+        assert all(t.dtype == torch.float32 for t in adapter_tensors(out).values())
+    assert losses["on"] != losses["off"], "bf16 autocast did nothing"
+    assert abs(losses["on"][0] - losses["off"][0]) < 0.02 * losses["off"][0]
+    assert bf16_is_fast(torch.device("cpu")) == bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def test_causal_lm_run(tmp_path):
     rows = [{"prompt": f"Q{i}: ", "completion": f"A{i % 3}"} for i in range(24)]
     data = write_jsonl(tmp_path / "lm.jsonl", rows)

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
+from lorakit.fused import fused_linear
 from lorakit.kinds import LayerKind
 from lorakit.methods.base import AdapterMethod
-from lorakit.mixed import Stack, build_stack, mixed_forward, stack_key
+from lorakit.mixed import Stack, batch_rows, mixed_forward, updated_stack
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -39,31 +40,48 @@ class AdaptedLayer(nn.Module):
         self._stack: Stack | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.is_grad_enabled() and not (args or kwargs):
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
-        if self.mixed is not None:
-            return self._mixed_forward(x, out)
         # Adapters may write into the fresh base output (no temporary of its size) unless a
         # forward hook on the base layer has seen it and may be keeping it.
         inplace = self.kind.inplace_output and not (self.base_layer._forward_hooks or _global_forward_hooks)
+        if self.mixed is not None:
+            return self._mixed_forward(x, out, inplace)
         for name in self.active:
             if name not in self.merged:
                 out = self.adapters[name](x, out, self.base_layer, inplace=inplace)
         return out
 
-    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        names, rows = self.mixed
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Training with one adapter on a frozen plain Linear: base and update as one autograd
+        node (:mod:`lorakit.fused`); None where the generic path below must run."""
+        if self.disabled or self.mixed is not None:
+            return None
+        names = [n for n in self.active if n not in self.merged]
+        if len(names) != 1:
+            return None
+        factors = self.adapters[names[0]].fused_factors()
+        return None if factors is None else fused_linear(self.base_layer, x, *factors)
+
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, inplace: bool) -> torch.Tensor:
+        names = self.mixed[0]
         if not any(n in self.adapters for n in names):
             return out  # no adapter of this batch touches this layer
-        key = stack_key(names, self.adapters)
-        if self._stack is None or self._stack.key != key:
-            self._stack = build_stack(names, self.adapters, self.kind, self.base_layer, key)
-        return mixed_forward(self.kind, self.base_layer, out, x, rows, self._stack)
+        self._stack = updated_stack(self._stack, names, self.adapters, self.kind, self.base_layer)
+        rows, rank = batch_rows(self._stack, self.mixed)
+        return mixed_forward(self.kind, self.base_layer, out, x, rows, rank, self._stack, inplace=inplace)
 
     # -- adapters ----------------------------------------------------------------------------
     def add(self, name: str, adapter: AdapterMethod) -> None:
-        self.adapters[name] = adapter.to(device=self.adapter_device).train(self.training)
+        device = self.adapter_device
+        if any(t.device != device for t in (*adapter.parameters(), *adapter.buffers())):
+            adapter = adapter.to(device=device)  # Module.to walks every tensor in Python: skipped when done
+        self.adapters[name] = adapter.train(self.training)
 
     @property
     def adapter_device(self) -> torch.device:
@@ -79,7 +97,8 @@ class AdaptedLayer(nn.Module):
         if shift is not None and shift.shape[0] > 0:
             self._add_to_weight(-(adapter.shift_B.float() @ adapter.shift_A.float()))
         del self.adapters[name]
-        self._stack = None
+        if self._stack is not None:
+            self._stack.drop(name)
         self.active = tuple(a for a in self.active if a != name)
 
     @property
@@ -158,7 +177,8 @@ class AdaptedLayer(nn.Module):
         self.adapters[new] = self.adapters.pop(old)
         self.active = tuple(new if a == old else a for a in self.active)
         self.merged = [new if a == old else a for a in self.merged]
-        self._stack = None
+        if self._stack is not None:
+            self._stack.rename(old, new)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"

@@ -408,7 +408,8 @@ def build_method(
         assert projections is not None
         return VeRA(layer.kind, config.r, s, config.dropout, projections, config.vera_d_initial)
     method = cls(layer.kind, rank, s, config.dropout)
-    method.to(device=layer.adapter_device)
+    if layer.adapter_device.type != "cpu":  # built on the CPU
+        method.to(device=layer.adapter_device)
     if isinstance(method, DoRA) and layer.weight.device.type != "meta":  # a meta base has no norms to read
         method.init_magnitude(layer.base_layer)
     return method

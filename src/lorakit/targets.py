@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections import Counter
 
@@ -27,7 +28,16 @@ def name_matches(name: str, rule: str) -> bool:
 def matches_rules(name: str, rules: tuple[str, ...] | str) -> bool:
     if isinstance(rules, str):
         return re.fullmatch(rules, name) is not None
-    return any(name_matches(name, rule) for rule in rules)
+    # name_matches for each rule, in time independent of the number of rules (a file's config
+    # lists every adapted path: 224 for a 7B model): some dotted suffix of name is a rule.
+    wanted = _rule_set(tuple(rules))
+    parts = name.split(".")
+    return any(".".join(parts[i:]) in wanted for i in range(len(parts)))
+
+
+@functools.lru_cache(maxsize=64)
+def _rule_set(rules: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(rules)
 
 
 def layer_index(name: str, layers_pattern: str | None) -> int | None:
@@ -95,18 +105,25 @@ def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
     from lorakit.saved_modules import SavedModule
 
     modules: dict[str, nn.Module] = {}
-    wrapper_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in wrapper_prefixes):
-            continue
-        if isinstance(module, AdaptedLayer):
-            modules[name] = module.base_layer
-            wrapper_prefixes.append(name + ".")
-        elif isinstance(module, SavedModule):
-            modules[name] = module.original
-            wrapper_prefixes.append(name + ".")
-        else:
-            modules[name] = module
+    seen = {id(model)}  # as named_modules: a module shared under two paths is listed at the first
+
+    def walk(parent: nn.Module, prefix: str) -> None:  # never descends into a wrapper
+        for leaf, module in parent._modules.items():
+            if module is None or id(module) in seen:
+                continue
+            seen.add(id(module))
+            name = prefix + leaf
+            if isinstance(module, AdaptedLayer):
+                modules[name] = module.base_layer
+                seen.add(id(module.base_layer))
+            elif isinstance(module, SavedModule):
+                modules[name] = module.original
+                seen.add(id(module.original))
+            else:
+                modules[name] = module
+                walk(module, name + ".")
+
+    walk(model, "")
     return modules
 
 

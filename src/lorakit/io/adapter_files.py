@@ -31,6 +31,7 @@ from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 from lorakit.kinds import Conv1DKind, LayerKind, kind_for
 from lorakit.kinds_quantized import base_fingerprint
 from lorakit.methods import DoRA, LoRA, VeRA
+from lorakit.methods.lora import factors_filled_by_caller
 from lorakit.model import AdaptedModel
 from lorakit.targets import matches_rules, plain_modules, resolve_targets
 
@@ -175,9 +176,19 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     if lorakit is not None:
         config = _restore_lorakit_fields(config, lorakit)
     for key, value in tensors.items():
-        if not torch.isfinite(value).all():
+        if not _all_finite(value):
             raise AdapterFileError(f"{weights_path}: tensor {key} holds NaN or Inf values")
     return AdapterFile(config, tensors, lorakit, str(directory))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``t``. A sum is one fast read and is finite when every value is (unless it
+    overflows, which the exact check below then settles); ``isfinite(t).all()`` costs several times more."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any]) -> AdapterConfig:
@@ -213,7 +224,8 @@ def load_adapter(
     plan = _check_against_model(root, adapter, check_fingerprint)
 
     adapted = adapted or AdaptedModel(model)
-    adapted.add_adapter(name, adapter.config, activate=activate)
+    with factors_filled_by_caller():  # _copy_tensors fills every factor
+        adapted.add_adapter(name, adapter.config, activate=activate)
     try:
         _copy_tensors(adapted, name, adapter, plan)
     except Exception:
@@ -362,8 +374,8 @@ def _copy_tensors(adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: 
             method.vera_lambda_b.copy_(tensors[key + "vera_lambda_b"])
             method.vera_lambda_d.copy_(tensors[key + "vera_lambda_d"])
             continue
-        method.lora_A.copy_(kind.a_from_file(tensors[key + kind.peft_a_key]))
-        method.lora_B.copy_(kind.b_from_file(tensors[key + kind.peft_b_key]))
+        _take(method.lora_A, kind.a_from_file(tensors[key + kind.peft_a_key]))
+        _take(method.lora_B, kind.b_from_file(tensors[key + kind.peft_b_key]))
         if isinstance(method, DoRA):
             method.lora_magnitude_vector.copy_(tensors[key + "lora_magnitude_vector"].reshape(-1))
     if adapter.config.method == "vera":
@@ -375,6 +387,17 @@ def _copy_tensors(adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: 
         if name in saved.copies:
             state = {k[len(PREFIX + path) + 1:]: v for k, v in tensors.items() if k.startswith(PREFIX + path + ".")}
             saved.copies[name].load_state_dict(state)
+
+
+def _take(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Give ``param`` the file's values: its very tensor when dtype and device already match
+    (``read_adapter`` made it, nothing else holds it), else a converting copy. Either way the
+    version counter moves, as caches keyed on it (DoRA's norm, mixed-batch stacks) expect."""
+    if value.dtype == param.dtype and value.device == param.device and value.shape == param.shape:
+        param.data = value
+        torch.autograd.graph.increment_version(param)
+    else:
+        param.copy_(value)
 
 
 def _preview(items: list[str], n: int = 4) -> str:

@@ -46,6 +46,19 @@ class AdapterMethod(nn.Module):
         out = base_out if inplace else base_out.clone()
         return self.kind.add_up_(out, self.kind.down(self.dropout(x), A), B)
 
+    def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) when this adapter's output is exactly the layer input's ``s·B A x`` added to the
+        base output (an additive method, its own forward, no dropout in effect), so the layer may
+        run base and update as one autograd node (:mod:`lorakit.fused`); None otherwise. A method
+        that overrides ``forward`` returns None unless it says otherwise."""
+        if type(self).forward is not AdapterMethod.forward or not self.additive or self.dropout_in_effect():
+            return None
+        A, B = self.factors()
+        return A, B, 1.0
+
+    def dropout_in_effect(self) -> bool:
+        return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
+
     # -- the update as factors ---------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with the scaling folded in, so that the additive update is exactly B @ A."""

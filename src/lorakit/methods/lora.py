@@ -16,13 +16,29 @@ Exported, the total change from the original base is one plain LoRA of rank r + 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from lorakit.kinds import LayerKind
 from lorakit.methods.base import AdapterMethod
+
+_FILLED_BY_CALLER = contextvars.ContextVar("lorakit_factors_filled_by_caller", default=False)
+
+
+@contextlib.contextmanager
+def factors_filled_by_caller() -> Iterator[None]:
+    """Inside the block new LoRA factors skip their random init: the caller overwrites every one
+    (loading a file). Kaiming init of a 7B model's r=16 A matrices costs more than reading the file."""
+    token = _FILLED_BY_CALLER.set(True)
+    try:
+        yield
+    finally:
+        _FILLED_BY_CALLER.reset(token)
 
 
 class LoRA(AdapterMethod):
@@ -33,8 +49,10 @@ class LoRA(AdapterMethod):
     def __init__(self, kind: LayerKind, rank: int, scaling: float, dropout: float) -> None:
         super().__init__(kind, rank, scaling, dropout)
         self.lora_A = nn.Parameter(torch.empty(rank, kind.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(kind.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        filled_by_caller = _FILLED_BY_CALLER.get()
+        self.lora_B = nn.Parameter((torch.empty if filled_by_caller else torch.zeros)(kind.out_features, rank))
+        if not filled_by_caller:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         # Frozen terms; empty (rank 0) unless an init or a training rule sets them.
         self.register_buffer("offset_A", torch.zeros(0, kind.in_features))
         self.register_buffer("offset_B", torch.zeros(kind.out_features, 0))
@@ -57,6 +75,14 @@ class LoRA(AdapterMethod):
             return kind.add_up_(out, kind.down(x, self.lora_A), self.lora_B, self.scaling)
         A, B = self.factors()
         return kind.add_up_(out, kind.down(x, A), B)
+
+    def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if type(self).forward is not LoRA.forward or self.dropout_in_effect():
+            return None  # DoRA (its own forward) and dropout take the generic path
+        if self.offset_A.shape[0] == 0:
+            return self.lora_A, self.lora_B, self.scaling
+        A, B = self.factors()
+        return A, B, 1.0
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A x (plus the frozen offset), never forming an (out, in) matrix."""

