@@ -71,49 +71,198 @@ def inputs(args: argparse.Namespace) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
 
 
-def lorakit_model(base: nn.Module, args: argparse.Namespace, method: str) -> lorakit.AdaptedModel:
-    """A deep copy of ``base`` with one lorakit adapter whose B is random (so the update is not 0).
+def lorakit_model(
+    base: nn.Module, args: argparse.Namespace, method: str, *, copy_base: bool = True
+) -> lorakit.AdaptedModel:
+    """``base`` (a deep copy unless ``copy_base=False``) with one lorakit adapter whose B side is
+    random (it starts at zero, so the update would be 0): ``lora_B``, or VeRA's ``vera_lambda_b``.
 
-    Seeded, so every call gives the same adapter.
+    Seeded, so every call gives the same adapter. ``method`` is a lorakit method name.
     """
     torch.manual_seed(args.seed + 3)
     am = lorakit.adapt(
-        copy.deepcopy(base),
-        lorakit.AdapterConfig(method=method, r=args.rank, alpha=args.alpha, target_modules="all-linear"),
+        copy.deepcopy(base) if copy_base else base,
+        lorakit.AdapterConfig(method=method, r=args.rank, alpha=args.alpha, target_modules="all-linear",
+                              vera_seed=args.seed),
     )
-    g = torch.Generator().manual_seed(args.seed + 2)
-    with torch.no_grad():
-        for m in am.adapter_modules("default").values():
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.02)
+    randomise_b(am, "default", torch.Generator().manual_seed(args.seed + 2))
     return am
 
 
-def peft_model_like(base: nn.Module, am: lorakit.AdaptedModel, args: argparse.Namespace, method: str) -> nn.Module:
-    """A deep copy of ``base`` under PEFT with the very tensors of ``am``'s adapter."""
-    from peft import LoraConfig, get_peft_model
+def randomise_b(am: lorakit.AdaptedModel, name: str, g: torch.Generator) -> None:
+    """Random B side (``lora_B``, or VeRA's ``vera_lambda_b``) for adapter ``name``, drawn from ``g``."""
+    with torch.no_grad():
+        for m in am.adapter_modules(name).values():
+            b = m.vera_lambda_b if hasattr(m, "vera_lambda_b") else m.lora_B
+            b.copy_(torch.randn(b.shape, generator=g) * 0.02)
 
-    config = LoraConfig(
-        r=args.rank, lora_alpha=args.alpha, target_modules="all-linear", lora_dropout=0.0,
-        use_dora=(method == "dora"),
-    )
-    pm = get_peft_model(copy.deepcopy(base), config)
+
+def lorakit_adapters(base: nn.Module, args: argparse.Namespace, names: list[str]) -> lorakit.AdaptedModel:
+    """A deep copy of ``base`` with one LoRA adapter (all-linear) per name, each with its own random
+    A and B. Seeded, so every call gives the same adapters; the first is active."""
+    torch.manual_seed(args.seed + 3)
+    am = lorakit.AdaptedModel(copy.deepcopy(base))
+    g = torch.Generator().manual_seed(args.seed + 2)
+    for name in names:
+        am.add_adapter(name, lorakit.AdapterConfig(r=args.rank, alpha=args.alpha, target_modules="all-linear"))
+        randomise_b(am, name, g)
+    return am
+
+
+def peft_model_like(
+    base: nn.Module, am: lorakit.AdaptedModel, args: argparse.Namespace, method: str, *, copy_base: bool = True
+) -> nn.Module:
+    """``base`` (a deep copy unless ``copy_base=False``) under PEFT with the very tensors of ``am``'s adapter.
+
+    PEFT has no LoRA-FA class: "lora-fa" is PEFT LoRA with every ``lora_A`` frozen, which is
+    what LoRA-FA is. VeRA copies the shared projections as well as the per-layer vectors.
+    """
+    from peft import LoraConfig, VeraConfig, get_peft_model
+
+    if method == "vera":
+        config = VeraConfig(r=args.rank, target_modules="all-linear", vera_dropout=0.0, projection_prng_key=args.seed)
+    else:
+        config = LoraConfig(
+            r=args.rank, lora_alpha=args.alpha, target_modules="all-linear", lora_dropout=0.0,
+            use_dora=(method == "dora"),
+        )
+    pm = get_peft_model(copy.deepcopy(base) if copy_base else base, config)
     inner = pm.base_model.model
+    a_name = "vera_lambda_d" if method == "vera" else "lora_A"
     ours = am.adapter_modules("default")
-    theirs = {n for n, m in inner.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    theirs = {n for n, m in inner.named_modules() if hasattr(m, a_name) and "default" in getattr(m, a_name)}
     if set(ours) != theirs:
         raise RuntimeError(f"lorakit and PEFT adapt different modules: {sorted(set(ours) ^ theirs)[:5]}")
     with torch.no_grad():
+        if method == "vera":
+            projections = am.vera_projections["default"]
+            pm.base_model.vera_A["default"].copy_(projections.vera_A)
+            pm.base_model.vera_B["default"].copy_(projections.vera_B)
         for path, m in ours.items():
             layer = inner.get_submodule(path)
+            if method == "vera":
+                layer.vera_lambda_d["default"].copy_(m.vera_lambda_d)
+                layer.vera_lambda_b["default"].copy_(m.vera_lambda_b)
+                continue
             layer.lora_A["default"].weight.copy_(m.lora_A)
             layer.lora_B["default"].weight.copy_(m.lora_B)
+            if method == "lora-fa":
+                layer.lora_A["default"].weight.requires_grad_(False)
             if method == "dora":
                 layer.lora_magnitude_vector["default"].weight.copy_(m.lora_magnitude_vector)
     return pm
 
 
-def count_adapted(am: lorakit.AdaptedModel) -> int:
-    return len(am.adapter_modules("default"))
+def peft_adapters_like(base: nn.Module, am: lorakit.AdaptedModel, args: argparse.Namespace,
+                       names: list[str]) -> nn.Module:
+    """A deep copy of ``base`` under PEFT with one LoRA adapter per name, holding the very tensors of
+    ``am``'s adapters of that name (see :func:`lorakit_adapters`); the first is active."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules="all-linear", lora_dropout=0.0)
+    pm = get_peft_model(copy.deepcopy(base), config, adapter_name=names[0])
+    for name in names[1:]:
+        pm.add_adapter(name, config)
+    inner = pm.base_model.model
+    with torch.no_grad():
+        for name in names:
+            ours = am.adapter_modules(name)
+            if sum(hasattr(m, "lora_A") and name in m.lora_A for m in inner.modules()) != len(ours):
+                raise RuntimeError(f"lorakit and PEFT adapt different modules for adapter {name!r}")
+            for path, m in ours.items():
+                inner.get_submodule(path).lora_A[name].weight.copy_(m.lora_A)
+                inner.get_submodule(path).lora_B[name].weight.copy_(m.lora_B)
+    pm.set_adapter(names[0])
+    return pm
+
+
+def train_stepper(
+    model: nn.Module, opt: torch.optim.Optimizer | None, ids: torch.Tensor,
+    after_step: Callable[[], object] | None = None,
+) -> Callable[[], float]:
+    """One training step: forward with the causal-LM loss, backward, ``opt.step()``, ``after_step()``
+    (a training rule such as Delta-LoRA's), ``zero_grad(set_to_none=True)``; returns the loss.
+    ``opt=None``: forward + backward only."""
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            if after_step is not None:
+                after_step()
+            opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+# -- memory -----------------------------------------------------------------------------------
+# Each variant's memory is measured in a fresh subprocess with glibc told to return every freed
+# block above 64 KiB to the OS at once, so resident memory follows live tensors.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def status_kb(key: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def step_memory(model: nn.Module, step: Callable[[], object], bare_kb: int = 0) -> dict[str, float]:
+    """Memory of one call of ``step`` (run after warm-up steps, so optimizer state exists).
+
+    The kernel's peak-RSS mark is reset (/proc/self/clear_refs ← 5), then ``peak_mib`` is the
+    step's peak RSS (VmHWM) above the RSS just before it; ``total_mib`` the same peak above
+    ``bare_kb`` (the process before any model was built: weights, optimizer state and step);
+    ``saved_mib`` the bytes autograd saved for backward (model parameters and buffers excluded,
+    each storage counted once).
+    """
+    import gc
+
+    gc.collect()
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    owned |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in owned:
+            saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    before = status_kb("VmRSS")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    peak = status_kb("VmHWM")
+    return {"before_mib": before / 1024, "peak_mib": (peak - before) / 1024,
+            "total_mib": (peak - bare_kb) / 1024, "saved_mib": sum(saved.values()) / 2**20}
+
+
+def run_child(script: str, flags: list[str]) -> dict:
+    """Run ``script`` with ``flags`` in a fresh process (MALLOC_ENV set); the JSON of its last line."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, **MALLOC_ENV)
+    out = subprocess.run([sys.executable, os.path.abspath(script), *flags], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+SIZE_FLAGS = ("hidden", "layers", "intermediate", "heads", "vocab", "batch", "seq", "rank", "alpha", "seed", "threads")
+
+
+def size_flags(args: argparse.Namespace, *extra: str) -> list[str]:
+    """The command-line flags that rebuild ``args``' model and input in a child process."""
+    return [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (*SIZE_FLAGS, *extra)]
+
+
+def count_adapted(am: lorakit.AdaptedModel, name: str = "default") -> int:
+    return len(am.adapter_modules(name))
 
 
 def round_robin(

@@ -21,11 +21,7 @@ parameters excluded, each storage counted once).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import subprocess
-import sys
 
 import _common as c
 import torch
@@ -46,65 +42,20 @@ def build(base, args, lib: str, method: str):
     return model, torch.optim.AdamW(params, lr=args.lr)
 
 
-def stepper(model, opt, ids):
-    def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-    return step
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def child(args: argparse.Namespace) -> None:
     """Measure one variant's memory in this (fresh) process and print it as JSON."""
     lib, method = VARIANTS[args.child]
     base = c.build_base(args)
     model, opt = build(base, args, lib, method)
     del base
-    ids = c.inputs(args)
-    step = stepper(model, opt, ids)
+    step = c.train_stepper(model, opt, c.inputs(args))
     for _ in range(2):
         step()
-    gc.collect()
-    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    owned |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in owned:
-            saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-    before = _status_kb("VmRSS")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"before_mib": before / 1024, "peak_mib": (peak - before) / 1024,
-                      "saved_mib": sum(saved.values()) / 2**20}))
+    print(json.dumps(c.step_memory(model, step)))
 
 
 def measure_memory(args: argparse.Namespace, name: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, *_size_flags(args)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def _size_flags(args: argparse.Namespace) -> list[str]:
-    keys = ["hidden", "layers", "intermediate", "heads", "vocab", "batch", "seq", "rank", "alpha", "seed", "threads"]
-    return [f"--{k}={getattr(args, k)}" for k in keys] + [f"--lr={args.lr}"]
+    return c.run_child(__file__, [f"--child={name}", *c.size_flags(args, "lr")])
 
 
 def main() -> None:
@@ -127,7 +78,7 @@ def main() -> None:
     steps, first_loss = {}, {}
     for name, (lib, method) in VARIANTS.items():
         model, opt = build(base, args, lib, method)
-        steps[name] = stepper(model, opt, ids)
+        steps[name] = c.train_stepper(model, opt, ids)
         first_loss[name] = steps[name]()  # also the first warm-up step
     del base
     wall, cpu = c.round_robin(steps, args.rounds, args.warmup - 1)

@@ -413,7 +413,7 @@ def test_delta_lora_to_peft_on_original_base(arch: str, zoo, tmp_path: Path) -> 
         moved = max(float((layer.weight - base.get_submodule(p).weight).abs().max()) for p, layer in layers.items())
     assert moved > 1e-3, "Delta-LoRA did not move the base weights; the test proves nothing"
     lorakit.save_adapter(am, tmp_path)
-    assert read_config(tmp_path)["r"] == 3 * R  # r trained + 2r recorded shift of W
+    assert read_config(tmp_path)["r"] == 2 * R  # [s·B + c·s·B_T | −c·s·B_K] [A; A_K]: the shift folded in
 
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert sorted(peft_layers(pm)) == sorted(layers)

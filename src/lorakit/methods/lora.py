@@ -101,6 +101,12 @@ class LoRA(AdapterMethod):
         A, B = self.factors()
         if self.shift_A.shape[0] == 0:
             return A.detach(), B.detach()
+        r = self.lora_A.shape[0]
+        if self.offset_A.shape[0] == 0 and torch.equal(self.shift_A[:r], self.lora_A):
+            # Delta-LoRA's shift c·s·(B_T A_T − B_K A_K) was recorded with the current A, so
+            # s·B A + shift = [s·B + c·s·B_T | −c·s·B_K] [A; A_K]: rank 2r, not 3r.
+            B_out = torch.cat([B + self.shift_B[:, :r], self.shift_B[:, r:]], dim=1)
+            return self.shift_A.detach().clone(), B_out.detach()
         return torch.cat([A, self.shift_A]).detach(), torch.cat([B, self.shift_B], dim=1).detach()
 
     def set_offset(self, A0: torch.Tensor, B0_scaled: torch.Tensor) -> None:
