@@ -25,12 +25,14 @@ from lorakit.train.loop import lr_factor, train
 # run name → (lorakit method, LoRA targets, lr). The learning rates come from short trials on this
 # data: at 1e-3 LoRA still answered "positive" to every review after 100 steps.
 RUNS = {
-    "lora q,v": ("lora", "query,value", 3e-3),
-    "lora all-linear": ("lora", "all-linear", 3e-3),
+    "lora-qv": ("lora", "query,value", 3e-3),
+    "lora-all-linear": ("lora", "all-linear", 3e-3),
     "full": ("full", "query,value", 5e-5),
     "head": ("head", "query,value", 1e-2),
 }
-COMMON = {"batch_size": 16, "max_length": 128, "seed": 0, "warmup_ratio": 0.06, "quiet": True, "bf16": "off"}
+COMMON = {"batch_size": 16, "max_length": 128, "seed": 0, "warmup_ratio": 0.06, "quiet": True, "bf16": "on"}
+# bf16 autocast on both sides (lorakit's default on this AMX CPU): 3.7x faster than float32 here.
+AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16}
 
 
 def lorakit_run(run: str, epochs: int) -> tuple[float, float, int]:
@@ -74,8 +76,9 @@ def reference_run(run: str, epochs: int) -> tuple[float, float, int]:
     for step in range(total):
         model.train()
         batch = B.collate([encode[i] for i in B.step_indices(len(encode), 16, 0, step)], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        F.cross_entropy(logits, batch["labels"]).backward()
+        with torch.autocast(**AUTOCAST):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        F.cross_entropy(logits.float(), batch["labels"]).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -91,7 +94,8 @@ def accuracy(model, data, pad_id: int) -> float:
     correct = 0
     for start in range(0, len(data), 16):
         batch = B.collate(data[start:start + 16], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with torch.autocast(**AUTOCAST):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
     return correct / len(data)
 
@@ -103,7 +107,8 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {', '.join(RUNS)}")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.machine()} "
-          f"{platform.processor() or ''}, epochs {args.epochs}, batch 16, max_length 128, seed 0; "
+          f"{platform.processor() or ''}, epochs {args.epochs}, batch 16, max_length 128, seed 0, "
+          "bf16 autocast on both sides; "
           "accuracy = best of per-epoch evaluations on the 343-review test set (neutral reviews left out)")
     print()
     print("| method | runner | test accuracy | trainable params | wall s |")
