@@ -169,3 +169,19 @@ def test_saved_files_get_the_usual_permissions(saved):
     os.umask(mask)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert os.stat(saved / name).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_check_is_exact(bad):
+    """The one-read check must catch a single NaN/Inf anywhere, and large finite values too."""
+    from lorakit.finite import all_finite
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        t = torch.zeros(257, 33, dtype=dtype)
+        assert all_finite(t)
+        t[200, 7] = bad
+        assert not all_finite(t), (dtype, bad)
+    huge = torch.full((1000,), torch.finfo(torch.float32).max)  # the sum overflows, the values do not
+    assert all_finite(huge)
+    both = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
+    assert not all_finite(both)

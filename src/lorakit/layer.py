@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
+from lorakit.finite import all_finite
 from lorakit.fused import fused_linear
 from lorakit.kinds import LayerKind
 from lorakit.methods.base import AdapterMethod
@@ -125,7 +126,7 @@ class AdaptedLayer(nn.Module):
         for name in todo:
             adapter = self.adapters[name]
             new = adapter.merged_weight(W, forward_base=W_start)
-            if not _all_finite(new):
+            if not all_finite(new):
                 raise ValueError(f"merging adapter {name!r} would write NaN/Inf into the base weight; not merged")
             W = new
             self.merged.append(name)
@@ -139,7 +140,7 @@ class AdaptedLayer(nn.Module):
         W = W0
         for name in [n for n in names if n in self.adapters]:
             W = self.adapters[name].merged_weight(W, forward_base=W0)
-            if not _all_finite(W):
+            if not all_finite(W):
                 raise ValueError(f"merging adapter {name!r} would write NaN/Inf into the weight; not merged")
         moved = (W - W0).abs().max().item() if W is not W0 else 0.0
         return self.kind.to_plain(self.base_layer, W), moved
@@ -182,15 +183,3 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"
-
-
-def _all_finite(W: torch.Tensor) -> bool:
-    """True when W holds no NaN or ±Inf.
-
-    min and max propagate NaN and equal ±Inf when any entry is, so checking those two is exact
-    and reads W once, without the bool tensor of W's size that ``isfinite(W).all()`` builds
-    (which cost more than the merge itself on a CPU).
-    """
-    if W.numel() == 0:
-        return True
-    return bool(torch.isfinite(torch.stack(torch.aminmax(W))).all())

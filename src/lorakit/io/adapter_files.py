@@ -26,6 +26,7 @@ from torch import nn
 from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterFileError, FingerprintMismatchError
 from lorakit.fingerprint import fingerprint_mismatch
+from lorakit.finite import all_finite
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 from lorakit.kinds import Conv1DKind, LayerKind, kind_for
@@ -176,19 +177,9 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     if lorakit is not None:
         config = _restore_lorakit_fields(config, lorakit)
     for key, value in tensors.items():
-        if not _all_finite(value):
+        if not all_finite(value):
             raise AdapterFileError(f"{weights_path}: tensor {key} holds NaN or Inf values")
     return AdapterFile(config, tensors, lorakit, str(directory))
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or ±Inf in ``t``. A sum is one fast read and is finite when every value is (unless it
-    overflows, which the exact check below then settles); ``isfinite(t).all()`` costs several times more."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
-        return True
-    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any]) -> AdapterConfig:
