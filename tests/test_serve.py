@@ -30,14 +30,8 @@ from model_zoo import tiny_llama  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.serve import DEFAULT_CHAT_TEMPLATE, build_engine, create_app  # noqa: E402
-from lorakit.serve.engine import (  # noqa: E402
-    Delta,
-    Finished,
-    GenerationJob,
-    SamplingParams,
-    default_chat_text,
-    stop_scan,
-)
+from lorakit.serve.engine import default_chat_text, stop_scan  # noqa: E402
+from lorakit.serve.jobs import Delta, Finished, GenerationJob, SamplingParams  # noqa: E402
 
 KEY = "test-key"
 ADAPTERS = [f"a{k}" for k in range(8)]

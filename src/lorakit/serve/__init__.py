@@ -8,7 +8,8 @@ Needs the ``serve`` extra: ``pip install 'lorakit[serve]'`` (fastapi, uvicorn).
 
 from __future__ import annotations
 
-from lorakit.serve.engine import DEFAULT_CHAT_TEMPLATE, Engine, ServeError, build_engine
+from lorakit.serve.engine import DEFAULT_CHAT_TEMPLATE, Engine, build_engine
+from lorakit.serve.jobs import ServeError
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "Engine", "ServeError", "build_engine", "create_app", "run_server"]
 

@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.mixed import BASE
 from lorakit.serve.batcher import Batcher
-from lorakit.serve.engine import (
+from lorakit.serve.engine import Engine
+from lorakit.serve.jobs import (
     ClassificationJob,
     Classified,
     Delta,
-    Engine,
     Failed,
     Finished,
     GenerationJob,
