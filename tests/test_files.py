@@ -185,3 +185,18 @@ def test_finite_check_is_exact(bad):
     assert all_finite(huge)
     both = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
     assert not all_finite(both)
+
+
+def test_loaded_adapter_survives_its_file_being_rewritten_in_place(base, saved):
+    """A server keeps adapters loaded while users rewrite their folders: parameters must not stay
+    on a memory map of the file (truncating a mapped file kills the reader with SIGBUS)."""
+    am = lorakit.load_adapter(copy.deepcopy(base), saved)
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        before = am(input_ids=ids).logits
+    weights = saved / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "wb") as f:  # in place, as safetensors' save_file does: truncate, then write
+        f.write(b"\0" * size)
+    with torch.no_grad():
+        assert torch.equal(am(input_ids=ids).logits, before)

@@ -365,8 +365,11 @@ def _copy_tensors(adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: 
             method.vera_lambda_b.copy_(tensors[key + "vera_lambda_b"])
             method.vera_lambda_d.copy_(tensors[key + "vera_lambda_d"])
             continue
-        _take(method.lora_A, kind.a_from_file(tensors[key + kind.peft_a_key]))
-        _take(method.lora_B, kind.b_from_file(tensors[key + kind.peft_b_key]))
+        # Copies, never ``param.data = value``: safetensors hands out tensors on a memory map of
+        # the file, and a parameter left on it dies with SIGBUS when the file is later rewritten
+        # in place (PEFT's save_pretrained truncates and rewrites), taking a server down with it.
+        method.lora_A.copy_(kind.a_from_file(tensors[key + kind.peft_a_key]))
+        method.lora_B.copy_(kind.b_from_file(tensors[key + kind.peft_b_key]))
         if isinstance(method, DoRA):
             method.lora_magnitude_vector.copy_(tensors[key + "lora_magnitude_vector"].reshape(-1))
     if adapter.config.method == "vera":
@@ -378,17 +381,6 @@ def _copy_tensors(adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: 
         if name in saved.copies:
             state = {k[len(PREFIX + path) + 1:]: v for k, v in tensors.items() if k.startswith(PREFIX + path + ".")}
             saved.copies[name].load_state_dict(state)
-
-
-def _take(param: nn.Parameter, value: torch.Tensor) -> None:
-    """Give ``param`` the file's values: its very tensor when dtype and device already match
-    (``read_adapter`` made it, nothing else holds it), else a converting copy. Either way the
-    version counter moves, as caches keyed on it (DoRA's norm, mixed-batch stacks) expect."""
-    if value.dtype == param.dtype and value.device == param.device and value.shape == param.shape:
-        param.data = value
-        torch.autograd.graph.increment_version(param)
-    else:
-        param.copy_(value)
 
 
 def _preview(items: list[str], n: int = 4) -> str:
