@@ -30,7 +30,8 @@ from model_zoo import tiny_llama  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.serve import DEFAULT_CHAT_TEMPLATE, build_engine, create_app  # noqa: E402
-from lorakit.serve.engine import default_chat_text, stop_scan  # noqa: E402
+from lorakit.serve.decoding import stop_scan  # noqa: E402
+from lorakit.serve.engine import default_chat_text  # noqa: E402
 from lorakit.serve.jobs import Delta, Finished, GenerationJob, SamplingParams  # noqa: E402
 
 KEY = "test-key"

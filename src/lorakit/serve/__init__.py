@@ -8,8 +8,9 @@ Needs the ``serve`` extra: ``pip install 'lorakit[serve]'`` (fastapi, uvicorn).
 
 from __future__ import annotations
 
-from lorakit.serve.engine import DEFAULT_CHAT_TEMPLATE, Engine, build_engine
+from lorakit.serve.engine import DEFAULT_CHAT_TEMPLATE, Engine
 from lorakit.serve.jobs import ServeError
+from lorakit.serve.loading import build_engine
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "Engine", "ServeError", "build_engine", "create_app", "run_server"]
 

@@ -41,11 +41,10 @@ from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from lorakit.mixed import BASE
 from lorakit.model import AdaptedModel
 from lorakit.serve.batcher import Job
+from lorakit.serve.decoding import DecodeBatch, Row, merge_batches, mergeable, trim_left_padding
 from lorakit.serve.jobs import (
     ClassificationJob,
     Classified,
-    Delta,
-    Finished,
     GenerationJob,
     ServeError,
 )
@@ -59,123 +58,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message.role }}|>\n{{ message.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding state of one row
-# ---------------------------------------------------------------------------------------------
-def stop_scan(text: str, stops: tuple[str, ...], final: bool = False) -> tuple[int | None, int]:
-    """(where the earliest stop string starts or None, how much of ``text`` is safe to send).
-
-    Trailing U+FFFD (an unfinished UTF-8 character so far) may still change, so until ``final``
-    it is neither searched for stops nor sent; text that could still grow into a stop string
-    (a suffix that is a prefix of one) is held back too.
-    """
-    stable = text if final else text.rstrip("\ufffd")
-    hits = [i for i in (stable.find(s) for s in stops) if i >= 0]
-    if hits:
-        return min(hits), min(hits)
-    safe = len(stable)
-    for s in stops:
-        for k in range(min(len(s) - 1, len(stable)), 0, -1):
-            if stable.endswith(s[:k]):
-                safe = min(safe, len(stable) - k)
-                break
-    return None, safe
-
-
-class _Row:
-    def __init__(self, job: GenerationJob, engine: Engine) -> None:
-        self.job, self.engine = job, engine
-        self.ids: list[int] = []
-        self.sent = 0
-        p = job.params
-        self.generator = None
-        if p.temperature > 0:
-            self.generator = torch.Generator()
-            if p.seed is not None:
-                self.generator.manual_seed(p.seed)
-            else:
-                self.generator.seed()
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """Sample one token from this row's logits (float32, vocabulary sized)."""
-        p = self.job.params
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more likely tokens
-            sorted_p[before >= p.top_p] = 0.0  # keeps at least the most likely token
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def step(self, token: int) -> bool:
-        """Take one generated token; False when the row has finished."""
-        p = self.job.params
-        ended = token in self.engine.eos_ids
-        if not ended:
-            self.ids.append(token)
-        last = ended or len(self.ids) >= p.max_tokens
-        text = self._text()
-        cut, safe = stop_scan(text, p.stop, final=last)
-        if cut is not None:
-            return self._finish("stop", text[:cut])
-        if last:
-            return self._finish("stop" if ended else "length", text)
-        if safe > self.sent:
-            self.job.emit(Delta(text[self.sent:safe]))
-            self.sent = safe
-        return True
-
-    def _text(self) -> str:
-        return self.engine.decode(self.ids)
-
-    def _finish(self, reason: str, text: str) -> bool:
-        if len(text) > self.sent:
-            self.job.emit(Delta(text[self.sent:]))
-        self.job.emit(Finished(reason, len(self.job.prompt_ids), len(self.ids)))
-        return False
-
-
-@dataclass
-class _Batch:
-    """Rows being decoded together: the next input ids (b, t), the attention mask over cache +
-    input (b, cache + t), the input's positions (b, t) and the KV cache (None before prefill)."""
-
-    rows: list[_Row]
-    ids: torch.Tensor
-    mask: torch.Tensor
-    position: torch.Tensor
-    cache: Any
-
-
-def _mergeable(cache) -> bool:
-    """Caches made only of plain dynamic layers can be padded and concatenated along the batch."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and layer.keys is not None for layer in layers)
-
-
-def _merge(running: _Batch, joining: _Batch | None) -> _Batch:
-    """One batch from two: the shorter cache is left-padded (masked out), then rows are stacked."""
-    if joining is None:  # every new row finished on its first token
-        return running
-    if not _mergeable(joining.cache) or len(joining.cache.layers) != len(running.cache.layers):
-        raise RuntimeError("cannot merge KV caches of different structure")
-    width = max(running.mask.shape[1], joining.mask.shape[1])
-
-    def pad(batch: _Batch) -> tuple[int, torch.Tensor]:
-        extra = width - batch.mask.shape[1]
-        return extra, torch.nn.functional.pad(batch.mask, (extra, 0))
-
-    extra_a, mask_a = pad(running)
-    extra_b, mask_b = pad(joining)
-    for a, b in zip(running.cache.layers, joining.cache.layers, strict=True):
-        a.keys = torch.cat([torch.nn.functional.pad(a.keys, (0, 0, extra_a, 0)),
-                            torch.nn.functional.pad(b.keys, (0, 0, extra_b, 0))])
-        a.values = torch.cat([torch.nn.functional.pad(a.values, (0, 0, extra_a, 0)),
-                              torch.nn.functional.pad(b.values, (0, 0, extra_b, 0))])
-    return _Batch(running.rows + joining.rows, torch.cat([running.ids, joining.ids]), torch.cat([mask_a, mask_b]),
-                  torch.cat([running.position, joining.position]), running.cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +213,7 @@ class Engine:
         """For a classifier server: the adapter must carry a head of the served size. Its label names."""
         if self.task != "classify":
             return []
-        heads, metadata = _adapter_heads(folder)
+        heads, metadata = adapter_heads(folder)
         if not heads:
             raise ServeError(400, f"adapter {folder.name!r} carries no classification head ({', '.join(HEADS)}); a "
                              "classifier server needs one per adapter", "invalid_adapter")
@@ -431,16 +313,16 @@ class Engine:
     def _generate(self, jobs: list[GenerationJob], take: Callable[[int], list[Job]] | None) -> None:
         batch = self._step(self._prefill(jobs))
         while batch is not None:
-            if take is not None and not self._admin_waiting and _mergeable(batch.cache):
+            if take is not None and not self._admin_waiting and mergeable(batch.cache):
                 joining = self._admit(take(len(batch.rows)))
                 if joining:
                     self.metrics.joined += len(joining)
-                    batch = _merge(batch, self._step(self._prefill(joining)))
+                    batch = merge_batches(batch, self._step(self._prefill(joining)))
             batch = self._step(batch)
 
-    def _prefill(self, jobs: list[GenerationJob]) -> _Batch:
+    def _prefill(self, jobs: list[GenerationJob]) -> DecodeBatch:
         """Left-padded prompts with their attention mask and positions (padding changes nothing)."""
-        rows = [_Row(job, self) for job in jobs]
+        rows = [Row(job, self) for job in jobs]
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -448,9 +330,9 @@ class Engine:
             n = len(job.prompt_ids)
             ids[i, width - n:] = torch.tensor(job.prompt_ids, dtype=torch.long)
             mask[i, width - n:] = 1
-        return _Batch(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None)
+        return DecodeBatch(rows, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None)
 
-    def _step(self, batch: _Batch | None) -> _Batch | None:
+    def _step(self, batch: DecodeBatch | None) -> DecodeBatch | None:
         """One forward for every row, one token each; finished rows leave. None when all finished."""
         if batch is None:
             return None
@@ -477,9 +359,9 @@ class Engine:
             cache.batch_select_indices(index)
             rows = [rows[i] for i in keep]
             tokens, mask, position = tokens[index], mask[index], position[index]
-            mask, cache = _trim_left_padding(mask, cache)
+            mask, cache = trim_left_padding(mask, cache)
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        return _Batch(rows, tokens.unsqueeze(1), mask, position[:, -1:] + 1, cache)
+        return DecodeBatch(rows, tokens.unsqueeze(1), mask, position[:, -1:] + 1, cache)
 
     def _classify(self, jobs: list[ClassificationJob]) -> None:
         inputs = [(job, ids) for job in jobs for ids in job.inputs]
@@ -505,84 +387,6 @@ class Engine:
             job.emit(Classified(results, sum(len(ids) for ids in job.inputs)))
 
 
-# ---------------------------------------------------------------------------------------------
-# building an engine from the command line's terms
-# ---------------------------------------------------------------------------------------------
-def build_engine(model_spec: str, adapter_root: str | Path, *, max_prompt_tokens: int = 2048,
-                 max_tokens_limit: int = 512, seed: int = 0) -> Engine:
-    """Load the base (``default``, a folder or ``random:...``), its tokenizer, and every adapter
-    folder under ``adapter_root`` (a subfolder holding adapter_config.json) under its folder name."""
-    from lorakit.train.models import load_model, load_tokenizer, random_config, resolve_model_dir
-
-    root = Path(adapter_root)
-    if not root.is_dir():
-        raise ConfigError(f"--adapters {adapter_root} is not a folder")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
-    for folder in folders:
-        check_name(folder.name, ConfigError)
-    heads = {}
-    for folder in folders:
-        try:
-            heads[folder.name] = _adapter_heads(folder)
-        except AdapterFileError as exc:
-            raise ConfigError(f"adapter folder {folder} cannot be served: {exc}") from exc
-    with_head = {n: h[0][0] for n, h in heads.items() if h[0]}
-    folder_dir = resolve_model_dir(model_spec)
-    if folder_dir is None:
-        arch_config = random_config(model_spec)
-    else:
-        from transformers import AutoConfig
-
-        arch_config = AutoConfig.from_pretrained(folder_dir)
-    architectures = list(getattr(arch_config, "architectures", None) or [])
-    causal = any(a.endswith(CAUSAL_SUFFIXES) for a in architectures) or (
-        folder_dir is None and arch_config.model_type in ("llama", "gpt2"))
-    base_classifies = any(a.endswith("ForSequenceClassification") for a in architectures)
-    if with_head or not causal:
-        task = "classify"
-        sizes = sorted(set(with_head.values()))
-        if len(sizes) > 1:
-            raise ConfigError(f"the adapters' classification heads have different label counts {with_head}; serve "
-                              "adapters of one label count per server")
-        missing = sorted(set(heads) - set(with_head))
-        if missing:
-            raise ConfigError(f"adapters {missing} carry no classification head while {sorted(with_head)} do; a "
-                              "classifier server needs a head in every adapter")
-        if sizes:
-            num_labels = sizes[0]
-            base_classifies = base_classifies and getattr(arch_config, "num_labels", None) == num_labels
-        elif base_classifies:
-            num_labels = int(arch_config.num_labels)
-        else:
-            described = ", ".join(architectures) or "no architectures in its config"
-            raise ConfigError(f"model {model_spec!r} is not a causal LM ({described}) and no adapter carries a "
-                              "classification head; serve needs a causal LM or classifier adapters")
-        model = load_model(model_spec, "classify", num_labels=num_labels, seed=seed)
-    else:
-        task = "causal-lm"
-        base_classifies = False
-        model = load_model(model_spec, "causal-lm", seed=seed)
-    tokenizer = load_tokenizer(model_spec)
-    adapted = AdaptedModel(model.eval())
-    labels: dict[str, list[str]] = {}
-    sources: dict[str, str] = {}
-    for folder in folders:
-        try:
-            load_adapter(adapted, folder, name=folder.name, activate=False)
-        except LorakitError as exc:
-            raise ConfigError(f"adapter folder {folder} cannot be served: {exc}") from exc
-        metadata_labels = heads[folder.name][1].get("label_names")
-        if isinstance(metadata_labels, list) and task == "classify" and len(metadata_labels) == model.config.num_labels:
-            labels[folder.name] = [str(n) for n in metadata_labels]
-        sources[folder.name] = str(folder.resolve())
-    engine = Engine(adapted, tokenizer, task=task, adapter_root=root, model_spec=model_spec,
-                    max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                    base_classifies=base_classifies, label_names=labels)
-    engine.sources.update(sources)
-    log.info("serving %s (%s) with %d adapters: %s", model_spec, task, len(folders), ", ".join(f.name for f in folders))
-    return engine
-
-
 def check_name(name: str, error: type[Exception] | None = None) -> None:
     if name == BASE or not NAME_RULE.match(name or "") or name.endswith("__incoming"):
         message = (f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' (at most 128, not "
@@ -597,7 +401,7 @@ def default_chat_text(messages: list[dict[str, str]]) -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
 
-def _adapter_heads(folder: Path) -> tuple[list[int], dict[str, Any]]:
+def adapter_heads(folder: Path) -> tuple[list[int], dict[str, Any]]:
     """(label counts of the classification heads an adapter file carries, its lorakit metadata)."""
     import json
 
@@ -616,20 +420,6 @@ def _adapter_heads(folder: Path) -> tuple[list[int], dict[str, Any]]:
     except json.JSONDecodeError:
         lorakit_meta = {}
     return sizes, lorakit_meta if isinstance(lorakit_meta, dict) else {}
-
-
-def _trim_left_padding(mask: torch.Tensor, cache) -> tuple[torch.Tensor, Any]:
-    """Drop leading columns no remaining row attends to (after long prompts have finished)."""
-    used = mask.any(dim=0).nonzero()
-    first = int(used[0]) if used.numel() else 0
-    layers = getattr(cache, "layers", None)
-    if first == 0 or not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
-        return mask, cache
-    for layer in layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys = layer.keys[..., first:, :]
-            layer.values = layer.values[..., first:, :]
-    return mask[:, first:], cache
 
 
 def _first_int(*values) -> int:
