@@ -20,16 +20,15 @@ HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_o
 COMMON_LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder_layers", "decoder_layers")
 
 
-def name_matches(name: str, rule: str) -> bool:
-    """A module name matches a rule when it equals it or ends with ``'.' + rule``."""
-    return name == rule or name.endswith("." + rule)
-
-
 def matches_rules(name: str, rules: tuple[str, ...] | str) -> bool:
+    """A string is a regex that must match the whole name; a tuple of names matches a module
+    whose name equals one of them or ends with ``'.' + rule``.
+
+    The tuple is looked up as a set of the name's dotted suffixes, in time independent of the
+    number of rules (a file's config lists every adapted path: 224 for a 7B model).
+    """
     if isinstance(rules, str):
         return re.fullmatch(rules, name) is not None
-    # name_matches for each rule, in time independent of the number of rules (a file's config
-    # lists every adapted path: 224 for a 7B model): some dotted suffix of name is a rule.
     wanted = _rule_set(tuple(rules))
     parts = name.split(".")
     return any(".".join(parts[i:]) in wanted for i in range(len(parts)))

@@ -85,7 +85,8 @@ class DoRA(LoRA):
         # must use that same norm, not the norm of W with earlier adapters of this merge added in.
         delta = self.delta_weight()
         combined = W + delta
-        norm = combined.norm(dim=1) if forward_base is None else (forward_base + delta).norm(dim=1)
+        seen = combined if forward_base is None or forward_base is W else forward_base + delta
+        norm = seen.norm(dim=1)
         self._merged_norm = norm
         return combined * (self.lora_magnitude_vector.detach().float() / norm).unsqueeze(1)
 
