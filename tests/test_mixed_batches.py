@@ -190,3 +190,29 @@ def test_stacks_survive_new_mixes_and_follow_changed_adapters():
         check(["wide", "e", "d"])  # a larger rank: rebuilt
         am.rename_adapter("wide", "w")
         check(["a", "w", "c"])
+
+
+def test_deleting_adapters_frees_their_stacked_copies():
+    """Mixed batches keep a per-layer copy of every adapter's factors; deleting the adapters must
+    free it (memory that never comes back after unloading is a known failure of other tools)."""
+    import gc
+    import weakref
+
+    am = lorakit.adapt(tiny_llama(layers=1), lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), "a")
+    for name in ("b", "c"):
+        am.add_adapter(name, lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), activate=False)
+    randomise(am, seed=1)
+    am.eval()
+    layer = next(la for p, la in am.adapted_layers().items() if p.endswith("q_proj"))
+    ids = torch.randint(0, 128, (3, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        am(input_ids=ids, adapter_names=["a", "b", "c"])
+    copies = weakref.ref(layer._stack.A)
+    am.delete_adapter("b")
+    assert copies() is not None  # two of three still stacked: kept for the next batch
+    am.delete_adapter("c")
+    gc.collect()
+    assert copies() is None, "the stacked copies of deleted adapters were not freed"
+    with torch.no_grad():  # the remaining adapter still serves mixed batches
+        mixed = am(input_ids=ids[:2], adapter_names=["a", "base"]).logits
+    assert_close(mixed[0], alone(am, "a", ids[:1])[0], atol=1e-5, rtol=1e-5)

@@ -100,6 +100,11 @@ class AdaptedLayer(nn.Module):
         del self.adapters[name]
         if self._stack is not None:
             self._stack.drop(name)
+            # The stack holds a copy of every adapter's factors. Deleting must give memory back:
+            # once at most half the slots are in use the stack goes (rebuilt, compact, when next
+            # needed); a hot swap (one out, one in) keeps it.
+            if 2 * len(self._stack.slot_of) + 1 < len(self._stack.ranks):
+                self._stack = None
         self.active = tuple(a for a in self.active if a != name)
 
     @property
