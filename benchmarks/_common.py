@@ -42,6 +42,9 @@ def model_args(parser: argparse.ArgumentParser, *, batch: int, seq: int = 128) -
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: where the models and inputs live")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the base model's dtype (adapters stay float32 in both libraries)")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (0: torch's default). 1 by default: on a shared 2-core machine two OpenMP threads make "
@@ -49,9 +52,19 @@ def model_args(parser: argparse.ArgumentParser, *, batch: int, seq: int = 128) -
     )
 
 
+# What the second time series of round_robin measures: process CPU time on the CPU; on a GPU,
+# CUDA-event time of the variant's kernels (what the device was busy with, launch gaps included).
+CLOCK = "CPU"
+
+
 def set_threads(args: argparse.Namespace) -> None:
+    """Torch threads, and the clock of the second time series (see CLOCK) for ``args.device``."""
+    global CLOCK
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if torch.device(getattr(args, "device", "cpu")).type == "cuda":
+        CLOCK = "GPU"
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides
 
 
 def build_base(args: argparse.Namespace) -> nn.Module:
@@ -63,12 +76,15 @@ def build_base(args: argparse.Namespace) -> nn.Module:
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         max_position_embeddings=max(2048, args.seq), tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).float().eval()
+    device = torch.device(getattr(args, "device", "cpu"))
+    with device:  # initialised where it will run: a CPU init of a large model takes minutes
+        model = LlamaForCausalLM(config)
+    return model.to(getattr(torch, getattr(args, "dtype", "float32"))).eval()
 
 
 def inputs(args: argparse.Namespace) -> torch.Tensor:
     g = torch.Generator().manual_seed(args.seed + 1)
-    return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(getattr(args, "device", "cpu"))
 
 
 def lorakit_model(
@@ -210,8 +226,20 @@ def status_kb(key: str) -> int:
     raise KeyError(key)
 
 
+def memory_kb() -> int:
+    """What the process holds now, in KiB: CUDA memory allocated once CUDA is in use, else RSS."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() // 1024
+    return status_kb("VmRSS")
+
+
 def step_memory(model: nn.Module, step: Callable[[], object], bare_kb: int = 0) -> dict[str, float]:
     """Memory of one call of ``step`` (run after warm-up steps, so optimizer state exists).
+
+    On a GPU (CUDA in use) the same three numbers come from the caching allocator: memory
+    allocated before the step, its peak during the step (``max_memory_allocated`` after a reset)
+    and ``bare_kb`` from :func:`memory_kb`.
 
     The kernel's peak-RSS mark is reset (/proc/self/clear_refs ← 5), then ``peak_mib`` is the
     step's peak RSS (VmHWM) above the RSS just before it; ``total_mib`` the same peak above
@@ -232,12 +260,22 @@ def step_memory(model: nn.Module, step: Callable[[], object], bare_kb: int = 0) 
             saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
         return t
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-    before = status_kb("VmRSS")
+    cuda = torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() // 1024
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        before = status_kb("VmRSS")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    peak = status_kb("VmHWM")
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() // 1024
+    else:
+        peak = status_kb("VmHWM")
     return {"before_mib": before / 1024, "peak_mib": (peak - before) / 1024,
             "total_mib": (peak - bare_kb) / 1024, "saved_mib": sum(saved.values()) / 2**20}
 
@@ -253,7 +291,8 @@ def run_child(script: str, flags: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-SIZE_FLAGS = ("hidden", "layers", "intermediate", "heads", "vocab", "batch", "seq", "rank", "alpha", "seed", "threads")
+SIZE_FLAGS = ("hidden", "layers", "intermediate", "heads", "vocab", "batch", "seq", "rank", "alpha", "seed", "threads",
+              "device", "dtype")
 
 
 def size_flags(args: argparse.Namespace, *extra: str) -> list[str]:
@@ -272,8 +311,11 @@ def round_robin(
 
     CPU time (user + system, all threads of this process) leaves out the time the process
     waited for a core while other processes ran, so on a shared machine it is the steadier
-    measure of the work a variant does; wall time is what a user waits.
+    measure of the work a variant does; wall time is what a user waits. Once CUDA is in use
+    (see CLOCK) the second series is CUDA-event time instead, and every call is synchronised
+    before its wall clock stops.
     """
+    cuda = torch.cuda.is_initialized()
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -283,10 +325,17 @@ def round_robin(
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            if cuda:
+                torch.cuda.synchronize()
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
             c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
+            if cuda:
+                stop.record()
+                torch.cuda.synchronize()
             wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+            cpu[name].append(start.elapsed_time(stop) / 1000 if cuda else time.process_time() - c0)
     return wall, cpu
 
 
@@ -313,6 +362,7 @@ def header(title: str) -> str:
     cmd = " ".join([".venv/bin/python", *map(shlex.quote, [os.path.relpath(sys.argv[0]), *sys.argv[1:]])])
     cpu = platform.processor() or platform.machine()
     model_name = _cpu_model()
+    gpu = f"; GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if CLOCK == "GPU" else ""
     return "\n".join([
         f"### {title}",
         "",
@@ -320,7 +370,7 @@ def header(title: str) -> str:
         f"- torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"lorakit {lorakit.__version__}; torch.get_num_threads() = {torch.get_num_threads()}",
         f"- machine: {cpu}{f' ({model_name})' if model_name else ''}, {os.cpu_count()} CPUs, "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}{gpu}",
         f"- load average (1/5/15 min) at start: {loadavg()}",
     ])
 

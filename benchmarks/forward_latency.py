@@ -70,12 +70,13 @@ def main() -> None:
         ])
     print(f"- model: Llama-style, hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
           f"{args.heads} heads, vocab {args.vocab}; {c.count_adapted(lk)} adapted linears; "
-          f"input {args.batch} × {args.seq} tokens, fp32, eval, no_grad")
+          f"input {args.batch} × {args.seq} tokens, {args.dtype} base, eval, no_grad")
     print(f"- {args.rounds} interleaved rounds after {args.warmup} warm-up rounds; ratios are medians of per-round "
           f"ratios; load average at end: {c.loadavg()}")
     print()
     print(c.table(
-        ["variant", "median wall ms", "median CPU ms", "× base (CPU)", "× own merged (CPU)", "× own merged (wall)",
+        ["variant", "median wall ms", f"median {c.CLOCK} ms", f"× base ({c.CLOCK})", f"× own merged ({c.CLOCK})",
+         "× own merged (wall)",
          "max abs logit diff to lorakit unmerged"],
         rows,
     ))

@@ -55,7 +55,7 @@ def main() -> None:
         models["PEFT"] = c.peft_adapters_like(base, lk, args, names).eval()
     print(f"- model: Llama-style, hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
           f"{args.heads} heads, vocab {args.vocab}; {c.count_adapted(lk, names[0])} adapted linears per adapter, "
-          f"{len(names)} adapters loaded in each library; fp32, eval, no_grad")
+          f"{len(names)} adapters loaded in each library; {args.dtype} base, eval, no_grad")
 
     for n, rounds in zip(args.adapters, args.rounds, strict=True):
         print()
@@ -123,7 +123,7 @@ def section(n: int, rounds: int, args: argparse.Namespace, models: dict, names: 
         ])
     extra = ""
     if "lorakit mixed" in fns:
-        extra = (f"; lorakit new mix / steady mix (CPU): "
+        extra = (f"; lorakit new mix / steady mix ({c.CLOCK}): "
                  f"{c.paired_ratio(cpu, 'lorakit mixed, new mix', 'lorakit mixed'):.3f}")
     return "\n".join([
         f"#### {n} adapters: {n} rows × {args.seq} tokens",
@@ -133,8 +133,8 @@ def section(n: int, rounds: int, args: argparse.Namespace, models: dict, names: 
         "- logit diff: mixed variants against each row run alone through its adapter (lorakit, one row at a "
         "time); single variants and the base against lorakit single",
         "",
-        c.table(["variant", "median wall ms", "median CPU ms", "× base (CPU)", "× own single (CPU)",
-                 "× own single (wall)", "max abs logit diff"], rows),
+        c.table(["variant", "median wall ms", f"median {c.CLOCK} ms", f"× base ({c.CLOCK})",
+                 f"× own single ({c.CLOCK})", "× own single (wall)", "max abs logit diff"], rows),
     ])
 
 

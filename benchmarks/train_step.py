@@ -103,7 +103,7 @@ def peft_nf4_base(base_bf16):
     with tempfile.TemporaryDirectory() as directory:
         base_bf16.save_pretrained(directory)
         return LlamaForCausalLM.from_pretrained(directory, quantization_config=quant, dtype=torch.bfloat16,
-                                                device_map="cpu")
+                                                device_map=str(next(base_bf16.parameters()).device))
 
 
 def build_qlora(base_bf16, args, lib: str, precision: str):
@@ -131,8 +131,8 @@ def child(args: argparse.Namespace) -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    torch.ones(64, 64) @ torch.ones(64, 64)  # the first op's one-off allocations
-    bare = c.status_kb("VmRSS")
+    torch.ones(64, 64, device=args.device) @ torch.ones(64, 64, device=args.device)  # one-off allocations
+    bare = c.memory_kb()
     base = c.build_base(args)
     if args.child in QLORA:
         base = bf16_base(base)
@@ -168,8 +168,8 @@ def fp32_run(args: argparse.Namespace, groups: list[str]) -> None:
     print(f"- {args.rounds} interleaved rounds after {args.warmup} warm-up steps; ratios are medians of per-round "
           f"ratios; load average at end: {c.loadavg()}")
     print()
-    headers = ["variant", "median wall ms/step", "median CPU ms/step", "× bare base fwd+bwd (CPU)", "reference",
-               "× reference (CPU)", "× reference (wall)"]
+    headers = ["variant", "median wall ms/step", f"median {c.CLOCK} ms/step", f"× bare base fwd+bwd ({c.CLOCK})",
+               "reference", f"× reference ({c.CLOCK})", "× reference (wall)"]
     if mem:
         headers += ["step peak RSS above pre-step, MiB", "peak RSS above bare process, MiB", "saved for backward, MiB"]
     headers.append("loss at step 1")
@@ -197,7 +197,7 @@ def qlora_run(args: argparse.Namespace) -> None:
     print(f"- QLoRA: {args.qlora_rounds} interleaved rounds after {args.warmup} warm-up steps; "
           f"load average at end: {c.loadavg()}")
     print()
-    headers = ["variant", "median wall ms/step", "median CPU ms/step", "× own bf16 base (CPU)"]
+    headers = ["variant", "median wall ms/step", f"median {c.CLOCK} ms/step", f"× own bf16 base ({c.CLOCK})"]
     if mem:
         headers += ["step peak RSS above pre-step, MiB", "peak RSS above bare process, MiB",
                     "× own bf16 base (peak RSS above bare process)"]
@@ -237,7 +237,9 @@ def main() -> None:
     print(c.header(f"Training step: every method vs HF PEFT (r={args.rank}, all-linear)"))
     print(f"- model: Llama-style, hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
           f"{args.heads} heads, vocab {args.vocab}; input {args.batch} × {args.seq} tokens, causal-LM loss, "
-          f"AdamW(lr={args.lr}); fp32 unless the variant says otherwise")
+          f"AdamW(lr={args.lr}); base in {args.dtype} unless the variant says otherwise, adapters in float32")
+    if c.CLOCK == "GPU":
+        print("- on the GPU the memory columns are CUDA memory allocated (torch.cuda.max_memory_allocated), not RSS")
     if set(groups) - {"qlora"}:
         fp32_run(args, groups)
     if "qlora" in groups:

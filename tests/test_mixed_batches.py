@@ -172,16 +172,16 @@ def test_stacks_survive_new_mixes_and_follow_changed_adapters():
 
     with torch.no_grad():
         check(["a", "b", "base"])
-        stack = layer._stack
+        stack = layer.mix.stack
         check(["b", "d", "a"])
-        assert layer._stack is stack  # a new mix: nothing rebuilt
+        assert layer.mix.stack is stack  # a new mix: nothing rebuilt
         am.adapter_modules("b")[path].lora_B.mul_(-2)  # training or loading writes in place
         check(["b", "b", "a"])
         am.delete_adapter("b")  # hot swap: the new adapter takes the freed slot
         am.add_adapter("c", lorakit.AdapterConfig(r=3, target_modules=["q_proj"]), activate=False)
         randomise(am, seed=2)
         check(["c", "base", "d"])
-        assert layer._stack is stack
+        assert layer.mix.stack is stack
         am.add_adapter("e", lorakit.AdapterConfig(r=1, target_modules=["q_proj"]), activate=False)
         randomise(am, seed=3)
         check(["e", "c", "a"])  # no free slot: grown
@@ -207,7 +207,7 @@ def test_deleting_adapters_frees_their_stacked_copies():
     ids = torch.randint(0, 128, (3, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         am(input_ids=ids, adapter_names=["a", "b", "c"])
-    copies = weakref.ref(layer._stack.A)
+    copies = weakref.ref(layer.mix.stack.A)
     am.delete_adapter("b")
     assert copies() is not None  # two of three still stacked: kept for the next batch
     am.delete_adapter("c")
@@ -216,3 +216,35 @@ def test_deleting_adapters_frees_their_stacked_copies():
     with torch.no_grad():  # the remaining adapter still serves mixed batches
         mixed = am(input_ids=ids[:2], adapter_names=["a", "base"]).logits
     assert_close(mixed[0], alone(am, "a", ids[:1])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["in place", "new parameter", "data swapped", "moved"])
+def test_a_changed_adapter_reaches_the_next_mixed_batch(change):
+    """Mixed batches skip unchanged adapters by a model-wide token per adapter (versions and
+    addresses of its tensors); each way of changing an adapter's values must still get through."""
+    am = lorakit.adapt(tiny_llama(layers=1), lorakit.AdapterConfig(r=2, target_modules=["q_proj", "v_proj"]), "a")
+    am.add_adapter("b", lorakit.AdapterConfig(r=3, target_modules=["q_proj"]), activate=False)
+    randomise(am, seed=1)
+    am.eval()
+    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = am(input_ids=ids, adapter_names=["a", "b"]).logits
+        method = next(iter(am.adapter_modules("b").values()))
+        new_B = torch.randn(method.lora_B.shape, generator=torch.Generator().manual_seed(9))
+        if change == "in place":
+            method.lora_B.copy_(new_B)
+        elif change == "new parameter":
+            method.lora_B = nn.Parameter(new_B, requires_grad=False)
+        elif change == "data swapped":
+            method.lora_B.data = new_B
+        else:
+            am.to(torch.float64)
+            ids_dtype = torch.float64
+        mixed = am(input_ids=ids, adapter_names=["a", "b"]).logits
+        if change == "moved":
+            assert mixed.dtype == ids_dtype
+            assert_close(mixed.float(), before, atol=1e-5, rtol=1e-5)
+            return
+        assert (mixed[1] - before[1]).abs().max() > 1e-3, "the new values did not reach the mixed batch"
+        assert_close(mixed[0], before[0], atol=1e-6, rtol=0)  # the other adapter's row is unchanged
+        assert_close(mixed[1], alone(am, "b", ids[1:])[0], atol=1e-5, rtol=1e-5)

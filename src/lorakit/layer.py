@@ -17,7 +17,8 @@ from lorakit.finite import all_finite
 from lorakit.fused import fused_linear
 from lorakit.kinds import LayerKind
 from lorakit.methods.base import AdapterMethod
-from lorakit.mixed import Stack, batch_rows, mixed_forward, updated_stack
+from lorakit.mixed import LayerMix, mixed_forward
+from lorakit.structure import structure_changed
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -36,9 +37,10 @@ class AdaptedLayer(nn.Module):
         self.fingerprint: dict | None = None  # of the original base weight, for adapter files
         # Half-precision weights cannot be un-merged exactly by arithmetic; keep the original.
         self._weight_before_merge: torch.Tensor | None = None
-        # Set by AdaptedModel.mixed_batch: (adapter names of the batch, slot of each row).
-        self.mixed: tuple[tuple[str, ...], torch.Tensor] | None = None
-        self._stack: Stack | None = None
+        # Set by AdaptedModel.mixed_batch (mixed.plan_batch): (the stack slot of each row, the
+        # largest rank among them; 0 when no row's adapter is on this layer).
+        self.mixed: tuple[torch.Tensor, int] | None = None
+        self.mix = LayerMix()  # mixed-batch state (stacked factors of every adapter); see lorakit.mixed
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if torch.is_grad_enabled() and not (args or kwargs):
@@ -70,12 +72,10 @@ class AdaptedLayer(nn.Module):
         return None if factors is None else fused_linear(self.base_layer, x, *factors)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, inplace: bool) -> torch.Tensor:
-        names = self.mixed[0]
-        if not any(n in self.adapters for n in names):
-            return out  # no adapter of this batch touches this layer
-        self._stack = updated_stack(self._stack, names, self.adapters, self.kind, self.base_layer)
-        rows, rank = batch_rows(self._stack, self.mixed)
-        return mixed_forward(self.kind, self.base_layer, out, x, rows, rank, self._stack, inplace=inplace)
+        rows, rank = self.mixed
+        if rank == 0:
+            return out  # no row's adapter is on this layer
+        return mixed_forward(self.kind, self.base_layer, out, x, rows, rank, self.mix.stack, inplace=inplace)
 
     # -- adapters ----------------------------------------------------------------------------
     def add(self, name: str, adapter: AdapterMethod) -> None:
@@ -83,6 +83,7 @@ class AdaptedLayer(nn.Module):
         if any(t.device != device for t in (*adapter.parameters(), *adapter.buffers())):
             adapter = adapter.to(device=device)  # Module.to walks every tensor in Python: skipped when done
         self.adapters[name] = adapter.train(self.training)
+        structure_changed()
 
     @property
     def adapter_device(self) -> torch.device:
@@ -98,18 +99,19 @@ class AdaptedLayer(nn.Module):
         if shift is not None and shift.shape[0] > 0:
             self._add_to_weight(-(adapter.shift_B.float() @ adapter.shift_A.float()))
         del self.adapters[name]
-        if self._stack is not None:
-            self._stack.drop(name)
-            # The stack holds a copy of every adapter's factors. Deleting must give memory back:
-            # once at most half the slots are in use the stack goes (rebuilt, compact, when next
-            # needed); a hot swap (one out, one in) keeps it.
-            if 2 * len(self._stack.slot_of) + 1 < len(self._stack.ranks):
-                self._stack = None
+        structure_changed()
+        self.mix.forget(name)
         self.active = tuple(a for a in self.active if a != name)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, …: the base weight and adapter tensors may become new objects."""
+        result = super()._apply(fn, recurse)
+        structure_changed()
+        return result
 
     # -- merging -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -181,10 +183,10 @@ class AdaptedLayer(nn.Module):
 
     def rename(self, old: str, new: str) -> None:
         self.adapters[new] = self.adapters.pop(old)
+        structure_changed()
         self.active = tuple(new if a == old else a for a in self.active)
         self.merged = [new if a == old else a for a in self.merged]
-        if self._stack is not None:
-            self._stack.rename(old, new)
+        self.mix.rename(old, new)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"

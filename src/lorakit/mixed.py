@@ -14,11 +14,19 @@ reused by the next one added; the stack grows (by a quarter) only when every slo
 Rows are gathered up to the largest rank in the batch, so a wide adapter loaded elsewhere
 costs nothing to batches that do not use it. Stacks hold copies without autograd history:
 mixed batches are an inference path (gradients do not reach the adapters through them).
+
+The per-batch work is done once for the whole model, before the forward (:func:`plan_batch`):
+whether an adapter changed is first asked of the model as a whole, one token per adapter (the
+sums of its tensors' versions and addresses: an in-place write raises a version, a move
+changes an address), so an unchanged adapter costs one comparison per layer rather than a
+walk over its tensors; each layer's row → slot map is computed on the CPU and sent to the
+device in one copy, so the forward itself never waits for the host.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +35,7 @@ from torch import nn
 from lorakit.kinds import Conv1DKind, EmbeddingKind, LinearKind
 from lorakit.methods import DoRA
 from lorakit.methods.base import AdapterMethod
+from lorakit.structure import structure_generation
 
 BASE = "base"  # the name that selects the bare base model for a row
 MIXABLE_KINDS = (LinearKind, Conv1DKind, EmbeddingKind)
@@ -42,7 +51,6 @@ class Stack:
     slot_of: dict[str, int] = field(default_factory=dict)  # adapter name → slot
     keys: dict[int, tuple] = field(default_factory=dict)  # slot → adapter_key its values were built from
     ranks: list[int] = field(default_factory=list)  # rank written in each slot (0: empty)
-    batch: tuple | None = None  # (the batch it was computed for, rows as slots, largest rank of those rows)
 
     def drop(self, name: str) -> None:
         """Forget ``name``; its slot goes to the next adapter added (no row can name it meanwhile)."""
@@ -50,12 +58,36 @@ class Stack:
         if slot is not None:
             self.keys.pop(slot, None)
             self.ranks[slot] = 0
-        self.batch = None
 
     def rename(self, old: str, new: str) -> None:
         if old in self.slot_of:
             self.slot_of[new] = self.slot_of.pop(old)
-        self.batch = None
+
+
+@dataclass
+class LayerMix:
+    """A layer's mixed-batch state: its stack, which (adapter, token) pairs it is known to be
+    current for, and the slot map of the last batch's names (reused while neither changes)."""
+
+    stack: Stack | None = None
+    generation: int = -1  # the structure generation ``confirmed`` belongs to
+    confirmed: set = field(default_factory=set)  # (name, token) pairs: stacked and current, or not on the layer
+    last: tuple | None = None  # (names, slot of each name with 0 first, largest rank among them)
+
+    def forget(self, name: str) -> None:
+        """Adapter ``name`` left the layer. The stack holds a copy of every adapter's factors and
+        deleting must give memory back: once at most half its slots are in use it goes (rebuilt,
+        compact, when next needed); a hot swap (one out, one in) keeps it."""
+        self.last = None
+        if self.stack is not None:
+            self.stack.drop(name)
+            if 2 * len(self.stack.slot_of) + 1 < len(self.stack.ranks):
+                self.stack = None
+
+    def rename(self, old: str, new: str) -> None:
+        self.last = None
+        if self.stack is not None:
+            self.stack.rename(old, new)
 
 
 def adapter_key(method: AdapterMethod, base_layer: nn.Module) -> tuple:
@@ -79,6 +111,45 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 _VERSION = operator.attrgetter("_version")
+_ADDRESS = torch.Tensor.data_ptr
+
+class AdapterTokens:
+    """Per model: a token per adapter that changes whenever any of its tensors may have changed.
+
+    The token is (generation, Σ versions, Σ addresses) over the adapter's tensors on every layer
+    (and the base weight under a DoRA adapter, which its row scale reads). Versions only grow,
+    so an in-place write always changes the sum; a new tensor object bumps the generation
+    (:mod:`lorakit.structure`) and the lists are rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.tensors: dict[str, list[torch.Tensor]] = {}
+
+    def of(self, names: Sequence[str], layers: Sequence) -> dict[str, tuple]:
+        generation = structure_generation()
+        if self.generation != generation:
+            self.tensors.clear()
+            self.generation = generation
+        tokens = {}
+        for name in names:
+            flat = self.tensors.get(name)
+            if flat is None:
+                flat = self.tensors[name] = self._tensors_of(name, layers)
+            tokens[name] = (generation, sum(map(_VERSION, flat)), sum(map(_ADDRESS, flat)))
+        return tokens
+
+    @staticmethod
+    def _tensors_of(name: str, layers: Sequence) -> list[torch.Tensor]:
+        flat: list[torch.Tensor] = []
+        for layer in layers:
+            if name not in layer.adapters:
+                continue
+            method = layer.adapters[name]
+            flat += [t for t in _tensors(method) if t.numel()]  # an empty tensor holds no values to change
+            if isinstance(method, DoRA):
+                flat.append(layer.base_layer.weight)
+        return flat
 
 
 def empty_stack(slots: int, rank: int, kind, base_layer: nn.Module, dtype: torch.dtype, dora: bool) -> Stack:
@@ -92,21 +163,24 @@ def empty_stack(slots: int, rank: int, kind, base_layer: nn.Module, dtype: torch
 
 
 @torch.no_grad()
-def updated_stack(stack: Stack | None, names: tuple[str, ...], adapters: nn.ModuleDict, kind,
-                  base_layer: nn.Module) -> Stack:
+def updated_stack(stack: Stack | None, names: Sequence[str], adapters: nn.ModuleDict, kind,
+                  base_layer: nn.Module) -> Stack | None:
     """``stack`` with every adapter of ``names`` on this layer written and current.
 
-    Only slots whose adapter changed are rewritten. A new stack (all of the layer's adapters) is
-    built when there is none, when an adapter needs a larger rank or another dtype, when DoRA
-    scales appear, or when the base moved to another device.
+    Only slots whose adapter changed (:func:`adapter_key`) are rewritten. A new stack (all of
+    the layer's adapters) is built when there is none, when an adapter needs a larger rank or
+    another dtype, when DoRA scales appear, or when the base moved to another device.
     """
     if stack is not None and stack.A.device != base_layer.weight.device:
         stack = None
-    present = [n for n in names if n in adapters]
-    todo = [n for n in present if stack is None or n not in stack.slot_of
-            or stack.keys.get(stack.slot_of[n]) != adapter_key(adapters[n], base_layer)]
-    if not todo:
-        return stack
+    todo = [n for n in names if n in adapters and (
+        stack is None or n not in stack.slot_of
+        or stack.keys.get(stack.slot_of[n]) != adapter_key(adapters[n], base_layer))]
+    return _written(stack, todo, adapters, kind, base_layer) if todo else stack
+
+
+def _written(stack: Stack | None, todo: list[str], adapters: nn.ModuleDict, kind, base_layer: nn.Module) -> Stack:
+    """``stack`` (or a new one) with the adapters of ``todo`` written into their slots."""
     factors = {n: adapters[n].factors() for n in todo}
     dora = any(isinstance(adapters[n], DoRA) for n in todo)
     if (stack is None or max(a.shape[0] for a, _ in factors.values()) > stack.A.shape[1]
@@ -121,7 +195,6 @@ def updated_stack(stack: Stack | None, names: tuple[str, ...], adapters: nn.Modu
         stack.slot_of[n] = free.pop(0)
     for n in todo:
         _write(stack, stack.slot_of[n], adapters[n], factors[n], base_layer)
-    stack.batch = None
     return stack
 
 
@@ -168,16 +241,46 @@ def _write(stack: Stack, slot: int, method: AdapterMethod, pair: tuple[torch.Ten
     stack.keys[slot] = adapter_key(method, base_layer)
 
 
-def batch_rows(stack: Stack, mixed: tuple[tuple[str, ...], torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """The stack slot of each row of the batch, and the largest rank among them (cached per batch)."""
-    if stack.batch is not None and stack.batch[0] is mixed:
-        return stack.batch[1], stack.batch[2]
-    names, rows = mixed
-    slots = [0, *(stack.slot_of.get(n, 0) for n in names)]  # rows hold 0 for the base, i+1 for names[i]
-    lookup = torch.tensor(slots, dtype=torch.long, device=rows.device)
-    result = (lookup[rows], max(stack.ranks[s] for s in slots))
-    stack.batch = (mixed, *result)
-    return result
+def plan_batch(layers: Sequence, names: tuple[str, ...], rows: torch.Tensor,
+               tokens: dict[str, tuple]) -> list[tuple[torch.Tensor, int]]:
+    """For each layer: its stack made current for ``names``, then (the stack slot of every row on
+    the layer's device, the largest rank among those rows; 0 when no row's adapter is on it).
+
+    ``rows`` (CPU) holds 0 for a base row and i+1 for ``names[i]``; ``tokens`` are the batch's
+    :class:`AdapterTokens`. A layer already current for every (name, token) of the batch does
+    one set comparison; only the others look at their adapters. The slot maps of all layers on
+    one device are gathered on the CPU and copied over at once.
+    """
+    batch = frozenset(tokens.items())
+    generation = next(iter(tokens.values()))[0] if tokens else -1
+    tables, ranks = [], []
+    for layer in layers:
+        mix: LayerMix = layer.mix
+        if mix.generation != generation:
+            mix.generation, mix.confirmed = generation, set()
+        if not batch <= mix.confirmed:
+            unconfirmed = [n for n, _ in batch - mix.confirmed]
+            mix.stack = updated_stack(mix.stack, unconfirmed, layer.adapters, layer.kind, layer.base_layer)
+            mix.confirmed |= batch
+            mix.last = None  # slots may have moved
+        if mix.last is None or mix.last[0] != names:
+            stack = mix.stack
+            slots = [0, *(stack.slot_of.get(n, 0) for n in names)] if stack is not None else [0] * (len(names) + 1)
+            mix.last = (names, slots, max(stack.ranks[s] for s in slots) if stack is not None else 0)
+        tables.append(mix.last[1])
+        ranks.append(mix.last[2])
+    plans: list = [None] * len(layers)
+    if not layers:
+        return plans
+    per_row = torch.tensor(tables, dtype=torch.long)[:, rows]  # (layers, batch)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, layer in enumerate(layers):
+        by_device.setdefault(layer.weight.device, []).append(i)
+    for device, indices in by_device.items():
+        on_device = per_row[indices].to(device)
+        for j, i in enumerate(indices):
+            plans[i] = (on_device[j], ranks[i])
+    return plans
 
 
 def mixed_forward(
@@ -222,4 +325,5 @@ def embedding_check(kind, base_layer: nn.Module) -> None:
         raise NotImplementedError("mixed batches on embeddings with max_norm are not supported")
 
 
-__all__ = ["BASE", "Stack", "adapter_key", "batch_rows", "embedding_check", "mixed_forward", "updated_stack"]
+__all__ = ["BASE", "AdapterTokens", "LayerMix", "Stack", "adapter_key", "embedding_check", "mixed_forward",
+           "plan_batch", "updated_stack"]

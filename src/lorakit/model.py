@@ -21,7 +21,7 @@ from lorakit.kinds_quantized import base_fingerprint, quantized_kind
 from lorakit.layer import AdaptedLayer
 from lorakit.methods import METHODS, DoRA, VeRA, VeraProjections
 from lorakit.methods.base import AdapterMethod
-from lorakit.mixed import BASE
+from lorakit.mixed import BASE, AdapterTokens, plan_batch
 from lorakit.saved_modules import SavedModule
 from lorakit.targets import matches_rules, plain_modules, resolve_targets
 
@@ -54,6 +54,7 @@ class AdaptedModel(nn.Module):
         # (that would grow with the number of adapters loaded).
         self._layers: dict[str, AdaptedLayer] = {}
         self._saved: dict[str, SavedModule] = {}
+        self._tokens = AdapterTokens()  # mixed batches: has an adapter changed since the last batch?
         for p in model.parameters():
             p.requires_grad_(False)
         self.train(model.training)
@@ -92,10 +93,13 @@ class AdaptedModel(nn.Module):
         unique = tuple(dict.fromkeys(n for n in names if n != BASE))
         slot = {n: i + 1 for i, n in enumerate(unique)}
         rows_cpu = torch.tensor([slot.get(n, 0) for n in names], dtype=torch.long)
-        wrappers = [*self._layers.values(), *self._saved.values()]
-        for module in wrappers:
-            device = module.weight.device if isinstance(module, AdaptedLayer) else rows_cpu.device
-            module.mixed = (unique, rows_cpu.to(device))
+        layers = list(self._layers.values())
+        for layer, plan in zip(layers, plan_batch(layers, unique, rows_cpu, self._tokens.of(unique, layers)),
+                               strict=True):
+            layer.mixed = plan
+        for saved in self._saved.values():
+            saved.mixed = (unique, rows_cpu.to(saved.device))
+        wrappers = [*layers, *self._saved.values()]
         try:
             yield
         finally:

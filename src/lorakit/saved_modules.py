@@ -32,6 +32,12 @@ class SavedModule(nn.Module):
         if self.active == name:
             self.active = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the original's tensors are (mixed batches pick rows on it); the CPU if it has none."""
+        first = next(iter((*self.original.parameters(), *self.original.buffers())), None)
+        return first.device if first is not None else torch.device("cpu")
+
     def set_active(self, names: tuple[str, ...]) -> None:
         """The first active adapter that has a copy wins (a head cannot be summed)."""
         self.active = next((n for n in names if n in self.copies), None)

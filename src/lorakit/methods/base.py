@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lorakit.kinds import LayerKind
+from lorakit.structure import structure_changed
 
 
 class AdapterMethod(nn.Module):
@@ -33,6 +34,22 @@ class AdapterMethod(nn.Module):
         self.dropout: nn.Module = (
             nn.Dropout(dropout) if dropout > 0 and kind.supports_dropout() else nn.Identity()
         )
+
+    # Mixed batches keep per-adapter lists of tensors (lorakit.mixed.AdapterTokens); a tensor
+    # assigned, registered or converted to a new object must invalidate them.
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, torch.Tensor):
+            structure_changed()
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        structure_changed()
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        structure_changed()
+        return result
 
     # -- forward ---------------------------------------------------------------------------
     def forward(
