@@ -200,3 +200,17 @@ def test_loaded_adapter_survives_its_file_being_rewritten_in_place(base, saved):
         f.write(b"\0" * size)
     with torch.no_grad():
         assert torch.equal(am(input_ids=ids).logits, before)
+
+
+def test_first_non_finite_names_the_first_bad_tensor():
+    from lorakit.finite import first_non_finite
+
+    tensors = [torch.zeros(3), torch.arange(4), torch.zeros(0), torch.full((5,), torch.finfo(torch.float32).max),
+               torch.zeros(2, dtype=torch.float64), torch.ones(3, dtype=torch.bfloat16)]
+    assert first_non_finite(tensors) is None  # the overflowing sum of index 3 is decided exactly
+    assert first_non_finite([]) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        later = [t.clone() for t in tensors]
+        later[4][1] = bad
+        later[5][0] = bad
+        assert first_non_finite(later) == 4

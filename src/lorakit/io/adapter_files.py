@@ -26,7 +26,7 @@ from torch import nn
 from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterFileError, FingerprintMismatchError
 from lorakit.fingerprint import fingerprint_mismatch
-from lorakit.finite import all_finite
+from lorakit.finite import first_non_finite
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 from lorakit.kinds import Conv1DKind, LayerKind, kind_for
@@ -176,9 +176,9 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     config = from_peft_dict(raw, str(config_path))
     if lorakit is not None:
         config = _restore_lorakit_fields(config, lorakit)
-    for key, value in tensors.items():
-        if not all_finite(value):
-            raise AdapterFileError(f"{weights_path}: tensor {key} holds NaN or Inf values")
+    bad = first_non_finite(list(tensors.values()))
+    if bad is not None:
+        raise AdapterFileError(f"{weights_path}: tensor {list(tensors)[bad]} holds NaN or Inf values")
     return AdapterFile(config, tensors, lorakit, str(directory))
 
 
