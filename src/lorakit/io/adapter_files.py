@@ -440,10 +440,11 @@ def _in_place_pairs(
     """The copies that turn adapter ``name`` into the checked file's adapter without building
     anything, or None when the file's adapter is built differently.
 
-    In place must end exactly where a fresh load would: the same config (so the same modules,
-    ranks and scalings), no merged copy in the base weight to keep in step, no PiSSA offset or
-    Delta-LoRA shift (a load starts without them), and every tensor already of the file's shape
-    and dtype, so each copy is a plain one (the device may differ: a load copies there too).
+    In place must end with the values a fresh load would give: the same config (so the same
+    modules, ranks and scalings), no merged copy in the base weight to keep in step, no PiSSA
+    offset or Delta-LoRA shift (a load starts without them), and every tensor already of the
+    file's shape and dtype, so each copy is a plain one. The served tensors keep their device (a
+    load copies to the adapter's device too).
     """
     if model.configs[name] != adapter.config:
         return None
