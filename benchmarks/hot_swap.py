@@ -2,20 +2,23 @@
 
 Llama-2-7B's shape (hidden 4096, 32 layers, intermediate 11008, vocab 32000) is built on the
 meta device, so it costs no memory; lorakit gives adapters of a meta base real CPU tensors.
-Two r=16, alpha=32 adapters on every linear layer but the LM head (224 modules), with random A
-and B, are saved to a temporary folder (read from the page cache afterwards, as a server reads
+Two r=16, alpha=32 adapters on every linear layer but the LM head (224 modules) and one of
+rank r/2, with random A and B, are saved to a temporary folder (read from the page cache afterwards, as a server reads
 a file it was just sent). Timed, ``--repeats`` times each, wall clock:
 
 - load: ``lorakit.load_adapter(model, folder, name=...)``: read both files, check keys, shapes,
   fingerprints and values, build the adapter's modules and copy the tensors in;
-- replace: ``model.replace_adapter(name, other_folder)``, the hot swap (load the new one
-  completely, then delete the old one and take its name);
+- replace: ``model.replace_adapter(name, other_folder)``, the hot swap. Both files have the same
+  config (a retrained version), so the new values are copied into the served adapter's tensors
+  after every check; "other rank" swaps in an r/2 adapter, which takes the fresh-load path (load
+  the new one beside the old, delete the old, take its name);
 - switch: ``model.set_active(other)`` between two loaded adapters;
 - delete: ``model.delete_adapter(name)``.
 
 A base on the meta device has no values, so its fingerprint is None and the fingerprint check
 compares nothing; on a real base the fingerprints are taken once, when layers are wrapped.
-Then the load is split into its steps (one more run of the same loads, each step timed).
+Then a load and an in-place replace are split into their steps (one more run of each, every
+step timed).
 
     .venv/bin/python benchmarks/hot_swap.py [--repeats 20 --rank 16 --threads 1 ...]
 """
@@ -46,12 +49,13 @@ def seven_b(args: argparse.Namespace) -> torch.nn.Module:
         return LlamaForCausalLM(config)
 
 
-def save_two(am: lorakit.AdaptedModel, args: argparse.Namespace, root: Path) -> list[Path]:
+def save_versions(am: lorakit.AdaptedModel, args: argparse.Namespace, root: Path) -> list[Path]:
+    """Two versions of an r=rank adapter (same config, other values) and one of rank r/2."""
     folders = []
-    for k in range(2):
+    for k, rank in enumerate([args.rank, args.rank, max(1, args.rank // 2)]):
         name = f"file{k}"
         torch.manual_seed(args.seed + k)
-        am.add_adapter(name, lorakit.AdapterConfig(r=args.rank, alpha=2.0 * args.rank, target_modules="all-linear"),
+        am.add_adapter(name, lorakit.AdapterConfig(r=rank, alpha=2.0 * rank, target_modules="all-linear"),
                        activate=False)
         c.randomise_b(am, name, torch.Generator().manual_seed(args.seed + 10 + k))
         folders.append(lorakit.save_adapter(am, root / name, name=name))
@@ -70,14 +74,22 @@ def stats(ts: list[float]) -> list[str]:
     return [f"{c.median_ms(ts):.1f}", f"{1000 * p90:.1f}", f"{1000 * min(ts):.1f}"]
 
 
-def load_steps(am: lorakit.AdaptedModel, folder: Path, repeats: int) -> dict[str, list[float]]:
-    """Wall time of each step of load_adapter, by wrapping the functions it calls."""
-    steps = {"read files (+ NaN/Inf check)": (adapter_files, "read_adapter"),
-             "check against the model": (adapter_files, "_check_against_model"),
-             "build the adapter's modules (add_adapter)": (lorakit.AdaptedModel, "add_adapter"),
-             "copy tensors in": (adapter_files, "_copy_tensors"),
-             "freeze (inference only)": (lorakit.AdaptedModel, "freeze_adapter")}
-    times: dict[str, list[float]] = {k: [] for k in [*steps, "load_adapter in all"]}
+LOAD_STEPS = {"read files (+ NaN/Inf check)": (adapter_files, "read_adapter"),
+              "check against the model": (adapter_files, "_check_against_model"),
+              "build the adapter's modules (add_adapter)": (lorakit.AdaptedModel, "add_adapter"),
+              "copy tensors in": (adapter_files, "_copy_tensors"),
+              "freeze (inference only)": (lorakit.AdaptedModel, "freeze_adapter")}
+REPLACE_STEPS = {"read files (+ NaN/Inf check)": (adapter_files, "read_adapter"),
+                 "check against the model": (adapter_files, "_check_against_model"),
+                 "match the served adapter's tensors": (adapter_files, "_in_place_pairs"),
+                 "copy tensors in": (adapter_files, "_copy_tensors")}
+
+
+def step_times(run: Callable[[int], object], steps: dict[str, tuple[object, str]], total: str, repeats: int,
+               then: Callable[[], object] = lambda: None) -> dict[str, list[float]]:
+    """Wall time of each step of ``run(k)``, by wrapping the functions it calls; ``then()``
+    (untimed) runs after each."""
+    times: dict[str, list[float]] = {k: [] for k in [*steps, total]}
     originals = {label: getattr(owner, attr) for label, (owner, attr) in steps.items()}
 
     def wrap(label: str, fn: Callable) -> Callable:
@@ -92,11 +104,11 @@ def load_steps(am: lorakit.AdaptedModel, folder: Path, repeats: int) -> dict[str
     for label, (owner, attr) in steps.items():
         setattr(owner, attr, wrap(label, originals[label]))
     try:
-        for _ in range(repeats):
+        for k in range(repeats):
             for ts in times.values():
                 ts.append(0.0)
-            times["load_adapter in all"][-1] = timed(lambda: lorakit.load_adapter(am, folder, name="probe"))
-            am.delete_adapter("probe")
+            times[total][-1] = timed(lambda k=k: run(k))
+            then()
     finally:
         for label, (owner, attr) in steps.items():
             setattr(owner, attr, originals[label])
@@ -136,12 +148,12 @@ def main() -> None:
 
     am = lorakit.AdaptedModel(seven_b(args))
     with tempfile.TemporaryDirectory() as tmp:
-        one, two = save_two(am, args, Path(tmp))
+        one, two, narrow = save_versions(am, args, Path(tmp))
         size = (one / adapter_files.WEIGHTS_NAME).stat().st_size
         lorakit.load_adapter(am, one, name="warm-up")
         am.delete_adapter("warm-up")
 
-        load, delete, replace, switch = [], [], [], []
+        load, delete, replace, restructure, switch = [], [], [], [], []
         for _ in range(args.repeats):
             load.append(timed(lambda: lorakit.load_adapter(am, one, name="x")))
             delete.append(timed(lambda: am.delete_adapter("x")))
@@ -150,11 +162,16 @@ def main() -> None:
         for k in range(args.repeats):
             replace.append(timed(lambda k=k: am.replace_adapter("served", two if k % 2 == 0 else one)))
             switch.append(timed(lambda k=k: am.set_active("other" if k % 2 == 0 else "served")))
+        for k in range(args.repeats):
+            restructure.append(timed(lambda k=k: am.replace_adapter("other", narrow if k % 2 == 0 else two)))
         modules = len(am.adapter_modules("served"))
         params = sum(p.numel() for m in am.adapter_modules("served").values() for p in m.parameters())
+        load_split = step_times(lambda k: lorakit.load_adapter(am, one, name="probe"), LOAD_STEPS,
+                                "load_adapter in all", args.repeats, then=lambda: am.delete_adapter("probe"))
+        replace_split = step_times(lambda k: am.replace_adapter("served", two if k % 2 == 0 else one),
+                                   REPLACE_STEPS, "replace_adapter in all", args.repeats)
         for name in ("served", "other"):
             am.delete_adapter(name)
-        steps = load_steps(am, one, args.repeats)
         peft = None if args.no_peft else try_peft(seven_b(args), one)
 
     print(f"- model: Llama-2-7B shape on the meta device ({args.layers} layers); adapter: LoRA r={args.rank}, "
@@ -163,15 +180,16 @@ def main() -> None:
     print()
     print(c.table(["operation", "median ms", "p90 ms", "min ms"], [
         ["load_adapter (file → loaded, frozen)", *stats(load)],
-        ["replace_adapter (hot swap, other file)", *stats(replace)],
+        ["replace_adapter (hot swap, retrained version: in place)", *stats(replace)],
+        [f"replace_adapter (other rank, r={max(1, args.rank // 2)} ↔ {args.rank}: fresh load)", *stats(restructure)],
         ["set_active (switch between two loaded)", *stats(switch)],
         ["delete_adapter", *stats(delete)],
     ]))
-    print()
-    print("Where a load's time goes:")
-    print()
-    print(c.table(["step of load_adapter", "median ms", "p90 ms", "min ms"],
-                  [[k, *stats(v)] for k, v in steps.items()]))
+    for what, split in (("a load", load_split), ("an in-place replace", replace_split)):
+        print()
+        print(f"Where {what}'s time goes:")
+        print()
+        print(c.table(["step", "median ms", "p90 ms", "min ms"], [[k, *stats(v)] for k, v in split.items()]))
     if peft:
         print()
         print(f"PEFT: {peft}.")

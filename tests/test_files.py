@@ -200,3 +200,38 @@ def test_loaded_adapter_survives_its_file_being_rewritten_in_place(base, saved):
         f.write(b"\0" * size)
     with torch.no_grad():
         assert torch.equal(am(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("config", [
+    lorakit.AdapterConfig(method="vera", r=4, target_modules=["q_proj", "v_proj"]),
+    lorakit.AdapterConfig(method="dora", r=4, target_modules=["q_proj", "v_proj"]),
+    lorakit.AdapterConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+], ids=["vera", "dora", "saved-head"])
+def test_no_loaded_tensor_stays_on_the_file(base, tmp_path, config):
+    """Every tensor a load fills (VeRA's shared projections, DoRA's magnitudes, trainable copies)
+    is a copy: rewriting the file in place changes nothing loaded."""
+    am = lorakit.adapt(copy.deepcopy(base), config)
+    randomise(am)
+    lorakit.save_adapter(am, tmp_path / "adapter")
+    loaded = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    before = {n: t.detach().clone() for n, t in [*loaded.named_parameters(), *loaded.named_buffers()]}
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "wb") as f:
+        f.write(b"\0" * size)
+    after = dict([*loaded.named_parameters(), *loaded.named_buffers()])
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_first_non_finite_names_the_first_bad_tensor():
+    from lorakit.finite import first_non_finite
+
+    tensors = [torch.zeros(3), torch.arange(4), torch.zeros(0), torch.full((5,), torch.finfo(torch.float32).max),
+               torch.zeros(2, dtype=torch.float64), torch.ones(3, dtype=torch.bfloat16)]
+    assert first_non_finite(tensors) is None  # the overflowing sum of index 3 is decided exactly
+    assert first_non_finite([]) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        later = [t.clone() for t in tensors]
+        later[4][1] = bad
+        later[5][0] = bad
+        assert first_non_finite(later) == 4

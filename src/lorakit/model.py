@@ -162,26 +162,15 @@ class AdaptedModel(nn.Module):
             self._sync_trainable({name})
 
     def replace_adapter(self, name: str, directory: str, **load_options) -> None:
-        """Hot swap: load ``directory`` and put it in place of adapter ``name`` for the next batch.
+        """Hot swap: the adapter in ``directory`` takes the place of adapter ``name`` for the next batch.
 
-        The new adapter is read and checked completely (keys, shapes, fingerprint) before the old
-        one is touched; on any error the served set is unchanged. The old adapter's memory is freed.
+        The file is checked completely (values, keys, shapes, fingerprint) before the old adapter
+        is touched; on any error the served set is unchanged. A retrained version of the same
+        adapter is copied into the old one's tensors; see :func:`lorakit.io.adapter_files.replace_adapter`.
         """
-        from lorakit.io.adapter_files import load_adapter
+        from lorakit.io.adapter_files import replace_adapter
 
-        self._require(name)
-        incoming = f"{name}__incoming"
-        if incoming in self.configs:
-            self.delete_adapter(incoming)
-        was_active = name in self.active
-        frozen = name in self.frozen
-        load_adapter(self, directory, name=incoming, activate=False, **load_options)
-        self.delete_adapter(name)
-        self.rename_adapter(incoming, name)
-        if frozen:
-            self.frozen.add(name)
-        if was_active:
-            self.activate(name)
+        replace_adapter(self, name, directory, **load_options)
 
     def rename_adapter(self, old: str, new: str) -> None:
         self._require(old)

@@ -26,7 +26,7 @@ from torch import nn
 from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterFileError, FingerprintMismatchError
 from lorakit.fingerprint import fingerprint_mismatch
-from lorakit.finite import all_finite
+from lorakit.finite import first_non_finite
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 from lorakit.kinds import Conv1DKind, LayerKind, kind_for
@@ -148,7 +148,7 @@ class AdapterFile:
     """An adapter folder read into memory and checked on its own (not yet against a model)."""
 
     config: AdapterConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # views of the file's memory map: copy what you keep
     lorakit: dict[str, Any] | None  # lorakit's metadata; None for files written by other tools
     source: str
 
@@ -176,9 +176,9 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     config = from_peft_dict(raw, str(config_path))
     if lorakit is not None:
         config = _restore_lorakit_fields(config, lorakit)
-    for key, value in tensors.items():
-        if not all_finite(value):
-            raise AdapterFileError(f"{weights_path}: tensor {key} holds NaN or Inf values")
+    bad = first_non_finite(list(tensors.values()))
+    if bad is not None:
+        raise AdapterFileError(f"{weights_path}: tensor {list(tensors)[bad]} holds NaN or Inf values")
     return AdapterFile(config, tensors, lorakit, str(directory))
 
 
@@ -213,12 +213,65 @@ def load_adapter(
         raise AdapterFileError(f"an adapter named {name!r} is already loaded; delete it or choose another name")
     root = adapted.model if adapted is not None else model
     plan = _check_against_model(root, adapter, check_fingerprint)
-
     adapted = adapted or AdaptedModel(model)
+    _attach(adapted, name, adapter, plan, trainable=trainable, activate=activate)
+    return adapted
+
+
+def replace_adapter(
+    model: AdaptedModel, name: str, directory: str | Path, *, trainable: bool = False, check_fingerprint: bool = True
+) -> None:
+    """Hot swap: the adapter in ``directory`` takes the place of adapter ``name`` for the next forward.
+
+    The file is read, its values checked for NaN/Inf and the adapter checked against the model
+    (keys, shapes, fingerprint, vocabulary) before anything changes, so a bad file leaves the
+    served set as it was. When the new adapter has the old one's structure (equal config, every
+    tensor of the same shape and dtype, nothing merged, no PiSSA offset or Delta-LoRA shift: a
+    retrained version of a served adapter), its values are copied into the old adapter's tensors.
+    That builds no modules and allocates nothing, which is most of what a load costs (about 150 µs
+    of Python per module and fresh pages for every byte). Otherwise the new adapter is loaded
+    beside the old one, which is then deleted and its name taken. Either way the adapter keeps its
+    place among the active ones, and it is frozen afterwards if it was frozen before or
+    ``trainable`` is False (as with :func:`load_adapter`, loads are for inference unless asked).
+    """
+    model._require(name)
+    adapter = read_adapter(directory)
+    plan = _check_against_model(model.model, adapter, check_fingerprint)
+    frozen = name in model.frozen or not trainable
+    pairs = _in_place_pairs(model, name, adapter, plan)
+    if pairs is not None:
+        try:
+            _copy_tensors(pairs)
+        except BaseException:
+            # Every check passed, so only an interruption gets here: the adapter holds some old and
+            # some new values, and serving that mixture would be worse than not serving it.
+            model.delete_adapter(name)
+            raise
+        model.configs[name] = adapter.config
+        if frozen != (name in model.frozen):  # the same tensors: their requires_grad is already right
+            model.freeze_adapter(name, frozen)
+        log.info("replaced adapter %r in place from %s: %d tensors", name, adapter.source, len(pairs))
+        return
+    active = model.active
+    incoming = f"{name}__incoming"
+    while incoming in model.configs:
+        incoming += "_"
+    _attach(model, incoming, adapter, plan, trainable=True, activate=False)
+    model.delete_adapter(name)
+    model.rename_adapter(incoming, name)
+    model.freeze_adapter(name, frozen)
+    if name in active:
+        model.set_active(*active)
+
+
+def _attach(
+    adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: _Plan, *, trainable: bool, activate: bool | None
+) -> None:
+    """Build adapter ``name`` for a checked file and fill it with the file's values."""
     with factors_filled_by_caller():  # _copy_tensors fills every factor
         adapted.add_adapter(name, adapter.config, activate=activate)
     try:
-        _copy_tensors(adapted, name, adapter, plan)
+        _copy_tensors(_copy_pairs(adapted, name, adapter))
     except Exception:
         adapted.delete_adapter(name)
         raise
@@ -226,7 +279,6 @@ def load_adapter(
         adapted.freeze_adapter(name)
     log.info("loaded adapter %r from %s: %d tensors onto %d modules", name, adapter.source,
              len(adapter.tensors), len(plan.targets))
-    return adapted
 
 
 @dataclass
@@ -354,37 +406,77 @@ def _check_fingerprints(root: nn.Module, adapter: AdapterFile, targets: list[str
         )
 
 
-@torch.no_grad()
-def _copy_tensors(adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: _Plan) -> None:
+def _copy_pairs(adapted: AdaptedModel, name: str, adapter: AdapterFile) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(a tensor adapter ``name`` holds, the file's value for it) for every tensor a load writes:
+    the one place that maps the file's keys to the adapter's tensors (loads and hot swaps)."""
     tensors = adapter.tensors
     layers = adapted.layers_of(name)
-    for path, method in adapted.adapter_modules(name).items():
-        kind = layers[path].kind
-        key = PREFIX + path + "."
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for path, layer in layers.items():
+        method, kind, key = layer.adapters[name], layer.kind, PREFIX + path + "."
         if isinstance(method, VeRA):
-            method.vera_lambda_b.copy_(tensors[key + "vera_lambda_b"])
-            method.vera_lambda_d.copy_(tensors[key + "vera_lambda_d"])
+            pairs += [(method.vera_lambda_b, tensors[key + "vera_lambda_b"]),
+                      (method.vera_lambda_d, tensors[key + "vera_lambda_d"])]
             continue
-        # Copies, never ``param.data = value``: safetensors hands out tensors on a memory map of
-        # the file, and a parameter left on it dies with SIGBUS when the file is later rewritten
-        # in place (PEFT's save_pretrained truncates and rewrites), taking a server down with it.
-        method.lora_A.copy_(kind.a_from_file(tensors[key + kind.peft_a_key]))
-        method.lora_B.copy_(kind.b_from_file(tensors[key + kind.peft_b_key]))
+        pairs += [(method.lora_A, kind.a_from_file(tensors[key + kind.peft_a_key])),
+                  (method.lora_B, kind.b_from_file(tensors[key + kind.peft_b_key]))]
         if isinstance(method, DoRA):
-            method.lora_magnitude_vector.copy_(tensors[key + "lora_magnitude_vector"].reshape(-1))
+            pairs.append((method.lora_magnitude_vector, tensors[key + "lora_magnitude_vector"].reshape(-1)))
     if adapter.config.method == "vera":
         projections = adapted.vera_projections[name]
-        device = projections.vera_A.device
-        projections.vera_A = tensors["base_model.vera_A"].to(device)
-        projections.vera_B = tensors["base_model.vera_B"].to(device)
+        pairs += [(projections.vera_A, tensors["base_model.vera_A"]),
+                  (projections.vera_B, tensors["base_model.vera_B"])]
     for path, saved in adapted.saved_modules().items():
         if name in saved.copies:
-            state = {k[len(PREFIX + path) + 1:]: v for k, v in tensors.items() if k.startswith(PREFIX + path + ".")}
-            saved.copies[name].load_state_dict(state)
+            prefix = PREFIX + path + "."
+            pairs += [(value, tensors[prefix + pname])
+                      for pname, value in saved.copies[name].state_dict(keep_vars=True).items()]
+    return pairs
+
+
+def _in_place_pairs(
+    model: AdaptedModel, name: str, adapter: AdapterFile, plan: _Plan
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The copies that turn adapter ``name`` into the checked file's adapter without building
+    anything, or None when the file's adapter is built differently.
+
+    In place must end with the values a fresh load would give: the same config (so the same
+    modules, ranks and scalings), no merged copy in the base weight to keep in step, no PiSSA
+    offset or Delta-LoRA shift (a load starts without them), and every tensor already of the
+    file's shape and dtype, so each copy is a plain one. The served tensors keep their device (a
+    load copies to the adapter's device too).
+    """
+    if model.configs[name] != adapter.config:
+        return None
+    layers = model.layers_of(name)
+    saved = [path for path, module in model.saved_modules().items() if name in module.copies]
+    if sorted(layers) != sorted(plan.targets) or sorted(saved) != sorted(plan.saved):
+        return None
+    for layer in layers.values():
+        method = layer.adapters[name]
+        if name in layer.merged or (isinstance(method, LoRA) and (method.offset_A.shape[0] or method.shift_A.shape[0])):
+            return None
+    pairs = _copy_pairs(model, name, adapter)
+    if any(dst.shape != src.shape or dst.dtype != src.dtype for dst, src in pairs):
+        return None
+    return pairs
+
+
+@torch.no_grad()
+def _copy_tensors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each file value into its tensor.
+
+    Copies, never ``param.data = value``: safetensors hands out tensors on a memory map of the
+    file, and a parameter left on it dies with SIGBUS when the file is later rewritten in place
+    (PEFT's save_pretrained truncates and rewrites), taking a server down with it. ``copy_``
+    also bumps each tensor's version, which DoRA's norm cache and mixed-batch stacks watch.
+    """
+    for dst, src in pairs:
+        dst.copy_(src)
 
 
 def _preview(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" … ({len(items)} in all)" if len(items) > n else "")
 
 
-__all__ = ["AdapterFile", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = ["AdapterFile", "load_adapter", "read_adapter", "replace_adapter", "save_adapter"]
