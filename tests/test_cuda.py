@@ -62,6 +62,19 @@ def logits(model, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         return model(input_ids=tokens.to(device), **kwargs).logits.float().cpu()
 
 
+def assert_each_row_alone(am: lorakit.AdaptedModel, tokens: torch.Tensor, names: list[str | None],
+                          mixed: torch.Tensor) -> None:
+    """Row i of the mixed batch's logits equals row i run alone through adapter names[i] (None: base)."""
+    for row, name in enumerate(names):
+        if name is None:
+            with am.base_only():
+                alone = logits(am, tokens[row:row + 1])
+        else:
+            am.set_active(name)
+            alone = logits(am, tokens[row:row + 1])
+        assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5, msg=f"row {row} ({name})")
+
+
 def adapter_devices(am: lorakit.AdaptedModel) -> set[torch.device]:
     return {t.device for m in am.adapted_layers().values() for a in m.adapters.values()
             for t in (*a.parameters(), *a.buffers())}
@@ -124,14 +137,7 @@ def test_mixed_batch_on_cuda_equals_each_row_alone():
     names = ["default", "dora", None, "vera", "wide", "dora", "default"]
     tokens = ids(batch=len(names), seed=3)
     mixed = logits(gpu, tokens, adapter_names=names)
-    for row, name in enumerate(names):
-        if name is None:
-            with gpu.base_only():
-                alone = logits(gpu, tokens[row:row + 1])
-        else:
-            gpu.set_active(name)
-            alone = logits(gpu, tokens[row:row + 1])
-        assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5, msg=f"row {row} ({name})")
+    assert_each_row_alone(gpu, tokens, names, mixed)
 
 
 def test_fused_training_step_on_cuda_equals_the_generic_path(monkeypatch):
@@ -227,11 +233,4 @@ def test_mixed_batch_with_saved_heads_on_cuda():
     names = ["b", None, "a", "b"]
     tokens = ids(batch=len(names), seed=8)
     mixed = logits(gpu, tokens, adapter_names=names)
-    for row, name in enumerate(names):
-        if name is None:
-            with gpu.base_only():
-                alone = logits(gpu, tokens[row:row + 1])
-        else:
-            gpu.set_active(name)
-            alone = logits(gpu, tokens[row:row + 1])
-        assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5, msg=f"row {row} ({name})")
+    assert_each_row_alone(gpu, tokens, names, mixed)
