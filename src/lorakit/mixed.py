@@ -46,7 +46,7 @@ class Stack:
     """Per-layer stacked factors of the layer's adapters; slot 0 is the base (all zeros)."""
 
     A: torch.Tensor  # (slots, R, in)
-    B: torch.Tensor  # (slots, out, R), scaling folded in
+    Bt: torch.Tensor  # (slots, R, out): B transposed, scaling folded in
     scale: torch.Tensor | None  # (slots, out): DoRA's m / ||W + sBA||, 1 elsewhere; None without DoRA
     slot_of: dict[str, int] = field(default_factory=dict)  # adapter name → slot
     keys: dict[int, tuple] = field(default_factory=dict)  # slot → adapter_key its values were built from
@@ -156,7 +156,7 @@ def empty_stack(slots: int, rank: int, kind, base_layer: nn.Module, dtype: torch
     device = base_layer.weight.device
     return Stack(
         A=torch.zeros(slots, rank, kind.in_features, dtype=dtype, device=device),
-        B=torch.zeros(slots, kind.out_features, rank, dtype=dtype, device=device),
+        Bt=torch.zeros(slots, rank, kind.out_features, dtype=dtype, device=device),
         scale=torch.ones(slots, kind.out_features, dtype=torch.float32, device=device) if dora else None,
         ranks=[0] * slots,
     )
@@ -217,7 +217,7 @@ def _grown(stack: Stack, slots: int) -> Stack:
     scale = stack.scale
     return Stack(
         A=torch.cat([stack.A, stack.A.new_zeros(extra, *stack.A.shape[1:])]),
-        B=torch.cat([stack.B, stack.B.new_zeros(extra, *stack.B.shape[1:])]),
+        Bt=torch.cat([stack.Bt, stack.Bt.new_zeros(extra, *stack.Bt.shape[1:])]),
         scale=None if scale is None else torch.cat([scale, scale.new_ones(extra, scale.shape[1])]),
         slot_of=stack.slot_of, keys=stack.keys, ranks=stack.ranks + [0] * extra,
     )
@@ -230,8 +230,8 @@ def _write(stack: Stack, slot: int, method: AdapterMethod, pair: tuple[torch.Ten
     r = a.shape[0]
     stack.A[slot, :r] = a
     stack.A[slot, r:] = 0
-    stack.B[slot, :, :r] = b
-    stack.B[slot, :, r:] = 0
+    stack.Bt[slot, :r] = b.t()
+    stack.Bt[slot, r:] = 0
     if stack.scale is not None:
         if isinstance(method, DoRA):
             stack.scale[slot] = method.lora_magnitude_vector / method.weight_norm(base_layer)
@@ -296,7 +296,21 @@ def mixed_forward(
     if x.shape[0] != rows.shape[0]:
         raise ValueError(f"mixed batch: {x.shape[0]} rows in the input but {rows.shape[0]} adapter names")
     batch = x.shape[0]
-    B_rows = stack.B[:, :, :rank].index_select(0, rows).to(out.dtype)  # (batch, out, R)
+    total = _gathered_update(kind, out, x, rows, rank, stack, inplace)
+    if stack.scale is None:
+        return total
+    scale = stack.scale[rows].to(out.dtype).reshape(batch, *([1] * (out.dim() - 2)), -1)
+    bias = kind.bias(base_layer)
+    if bias is None:
+        return scale * total
+    return scale * (total - bias) + bias
+
+
+def _gathered_update(kind, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, rank: int, stack: Stack,
+                     inplace: bool) -> torch.Tensor:
+    """out + each row's update from its own gathered factors (up to ``rank``) in batched products."""
+    batch = x.shape[0]
+    Bt_rows = stack.Bt[:, :rank].index_select(0, rows).to(out.dtype)  # (batch, R, out)
     if isinstance(kind, EmbeddingKind):
         # Row b, token t reads column x[b, t] of its adapter's A.
         h = stack.A[rows[:, None], :rank, x.reshape(batch, -1)]  # (batch, L, R)
@@ -307,16 +321,8 @@ def mixed_forward(
     # One GEMM accumulating into the output, as the single-adapter path does (kinds.add_up_);
     # under autograd not into a view, whose backward would clone the whole output gradient.
     if inplace and out.dim() == 3 and not (torch.is_grad_enabled() and out._is_view()):
-        total = out.baddbmm_(h, B_rows.transpose(1, 2))
-    else:
-        total = out + torch.bmm(h, B_rows.transpose(1, 2)).reshape(out.shape)
-    if stack.scale is None:
-        return total
-    scale = stack.scale[rows].to(out.dtype).reshape(batch, *([1] * (out.dim() - 2)), -1)
-    bias = kind.bias(base_layer)
-    if bias is None:
-        return scale * total
-    return scale * (total - bias) + bias
+        return out.baddbmm_(h, Bt_rows)
+    return out + torch.bmm(h, Bt_rows).reshape(out.shape)
 
 
 def embedding_check(kind, base_layer: nn.Module) -> None:
