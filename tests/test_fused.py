@@ -143,3 +143,29 @@ def test_training_step_on_a_model_equals_the_generic_path(monkeypatch: pytest.Mo
     assert fused.keys() == generic.keys() and len(fused) > 0
     for name in fused:
         assert_close(fused[name], generic[name], atol=1e-12, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("case", ["lora", "vera"])
+def test_float32_factors_on_a_bf16_layer_take_the_fused_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual GPU setup: a bf16 base, float32 adapters. Fused, the products run in bf16 on cast
+    factors as on the generic path, and the factors' gradients come back in float32."""
+    def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        am, base, _ = adapted_linear(case, "frozen")
+        am.float()
+        base.to(torch.bfloat16)
+        x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).requires_grad_(True)
+        if not fused:
+            monkeypatch.setattr(lorakit.layer, "fused_linear", lambda *args: None)
+        y = am(x)
+        assert uses_fused(y) == fused and y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        grads = {n: p.grad for n, p in am.named_parameters() if p.requires_grad}
+        assert grads and all(g.dtype == torch.float32 for g in grads.values())
+        return y.detach().float(), {**grads, "x": x.grad.float()}
+
+    y_fused, fused = run(True)
+    y_generic, generic = run(False)
+    assert_close(y_fused, y_generic, atol=2e-2, rtol=2e-2)
+    assert fused.keys() == generic.keys()
+    for name in fused:
+        assert_close(fused[name], generic[name], atol=5e-2, rtol=5e-2, msg=name)

@@ -15,7 +15,11 @@ output (beta = 1), as in :meth:`lorakit.kinds.LayerKind.add_up_`.
 
 It applies only where it computes exactly what the generic path does: a plain ``nn.Linear`` (its
 own ``forward``, no hooks of any kind), a frozen W, one additive adapter without dropout in
-effect, every tensor of one dtype and device, and no autocast. Everything else takes the generic path.
+effect, every tensor on one device, and no autocast. Everything else takes the generic path.
+
+The factors may have another dtype than the layer: float32 adapters on a bf16 base are the usual
+setup on GPUs. Then, as on the generic path, the products run in the layer's dtype on cast
+copies of the factors, and the factors' gradients come back in their own dtype.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, bias, A, B, scaling: float):
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        # The small factors transposed into contiguous copies: the skinny GEMMs below run faster
-        # on these layouts than on transposed views (measured; BENCHMARKS.md).
-        At, Bt = A.t().contiguous(), B.t().contiguous()  # (in, r), (r, out)
+        # The small factors transposed into contiguous copies, in the input's dtype: the skinny
+        # GEMMs below run faster on these layouts than on transposed views (measured; BENCHMARKS.md).
+        At, Bt = A.to(x.dtype).t().contiguous(), B.to(x.dtype).t().contiguous()  # (in, r), (r, out)
         h = x2 @ At  # (tokens, r)
         out = F.linear(x2, W, bias)  # (tokens, out), a fresh tensor: accumulate into it
         out.addmm_(h, Bt, alpha=scaling)
@@ -54,13 +58,13 @@ class LowRankLinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])  # (tokens, out)
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x or need_A:
-            gB = (g2 @ B.t().contiguous().t()).mul_(s)  # (tokens, r): s · g B
+            gB = (g2 @ B.to(g.dtype).t().contiguous().t()).mul_(s)  # (tokens, r): s · g B
             if need_x:
-                grad_x = torch.mm(g2, W).addmm_(gB, A.t().contiguous().t()).view(ctx.x_shape)
+                grad_x = torch.mm(g2, W).addmm_(gB, A.to(g.dtype).t().contiguous().t()).view(ctx.x_shape)
             if need_A:
-                grad_A = gB.t() @ x2  # (r, in)
+                grad_A = (gB.t() @ x2).to(A.dtype)  # (r, in)
         if need_B:
-            grad_B = (h.t() @ g2).mul_(s).t()  # (out, r), a transposed view
+            grad_B = (h.t() @ g2).mul_(s).t().to(B.dtype)  # (out, r), a transposed view when no cast
         if need_bias:
             grad_bias = g2.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None
@@ -85,7 +89,9 @@ def fused_linear(
         return None
     if torch.is_autocast_enabled(x.device.type):
         return None  # autocast picks each op's dtype; the generic path's ops follow it
-    tensors = (x, W, A, B) if bias is None else (x, W, A, B, bias)
-    if any(t.dtype != W.dtype or t.device != W.device for t in tensors) or not W.dtype.is_floating_point:
+    layer = (x, W) if bias is None else (x, W, bias)
+    if any(t.dtype != W.dtype or t.device != W.device for t in layer) or not W.dtype.is_floating_point:
+        return None
+    if any(t.device != W.device or not t.dtype.is_floating_point for t in (A, B)):
         return None
     return LowRankLinear.apply(x, W, bias, A, B, scaling)
