@@ -135,9 +135,10 @@ def test_mixed_batch_on_cuda_equals_each_row_alone():
                 p.mul_(0.1)
     gpu = am.to(CUDA).eval()
     names = ["default", "dora", None, "vera", "wide", "dora", "default"]
-    tokens = ids(batch=len(names), seed=3)
-    mixed = logits(gpu, tokens, adapter_names=names)
-    assert_each_row_alone(gpu, tokens, names, mixed)
+    for length in (9, 1):  # gathered factors; one token per row (a decoding step) reads them in place
+        tokens = ids(batch=len(names), seq=length, seed=3)
+        mixed = logits(gpu, tokens, adapter_names=names)
+        assert_each_row_alone(gpu, tokens, names, mixed)
 
 
 def test_fused_training_step_on_cuda_equals_the_generic_path(monkeypatch):

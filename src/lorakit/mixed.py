@@ -6,6 +6,9 @@ update is then a gather plus two batched matrix products, accumulated into the b
 
     y = base(x) + bmm(bmm(x, A[ids]ᵀ), B[ids]ᵀ)
 
+At one token per row (a decoding step) the gather's copy would be most of the work, so both
+products read the stacked rows in place as weighted sums instead (``embedding_bag``).
+
 VeRA folds exactly into (d⊙A, b⊙B); DoRA adds a per-row output scale m/||W + sBA|| (1 for rows
 without DoRA). The stack does not depend on the batch's mix, so a server whose every batch is a
 new mix (continuous batching) copies nothing per batch. A slot is rewritten when its adapter's
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.kinds import Conv1DKind, EmbeddingKind, LinearKind
@@ -45,7 +49,7 @@ MIXABLE_KINDS = (LinearKind, Conv1DKind, EmbeddingKind)
 class Stack:
     """Per-layer stacked factors of the layer's adapters; slot 0 is the base (all zeros)."""
 
-    A: torch.Tensor  # (slots, R, in)
+    At: torch.Tensor  # (slots, in, R): A transposed
     Bt: torch.Tensor  # (slots, R, out): B transposed, scaling folded in
     scale: torch.Tensor | None  # (slots, out): DoRA's m / ||W + sBA||, 1 elsewhere; None without DoRA
     slot_of: dict[str, int] = field(default_factory=dict)  # adapter name → slot
@@ -155,7 +159,7 @@ class AdapterTokens:
 def empty_stack(slots: int, rank: int, kind, base_layer: nn.Module, dtype: torch.dtype, dora: bool) -> Stack:
     device = base_layer.weight.device
     return Stack(
-        A=torch.zeros(slots, rank, kind.in_features, dtype=dtype, device=device),
+        At=torch.zeros(slots, kind.in_features, rank, dtype=dtype, device=device),
         Bt=torch.zeros(slots, rank, kind.out_features, dtype=dtype, device=device),
         scale=torch.ones(slots, kind.out_features, dtype=torch.float32, device=device) if dora else None,
         ranks=[0] * slots,
@@ -171,7 +175,7 @@ def updated_stack(stack: Stack | None, names: Sequence[str], adapters: nn.Module
     the layer's adapters) is built when there is none, when an adapter needs a larger rank or
     another dtype, when DoRA scales appear, or when the base moved to another device.
     """
-    if stack is not None and stack.A.device != base_layer.weight.device:
+    if stack is not None and stack.At.device != base_layer.weight.device:
         stack = None
     todo = [n for n in names if n in adapters and (
         stack is None or n not in stack.slot_of
@@ -183,8 +187,8 @@ def _written(stack: Stack | None, todo: list[str], adapters: nn.ModuleDict, kind
     """``stack`` (or a new one) with the adapters of ``todo`` written into their slots."""
     factors = {n: adapters[n].factors() for n in todo}
     dora = any(isinstance(adapters[n], DoRA) for n in todo)
-    if (stack is None or max(a.shape[0] for a, _ in factors.values()) > stack.A.shape[1]
-            or any(a.dtype != stack.A.dtype for a, _ in factors.values()) or (dora and stack.scale is None)):
+    if (stack is None or max(a.shape[0] for a, _ in factors.values()) > stack.At.shape[2]
+            or any(a.dtype != stack.At.dtype for a, _ in factors.values()) or (dora and stack.scale is None)):
         return _rebuilt(adapters, kind, base_layer)
     free = [s for s in range(1, len(stack.ranks)) if s not in stack.keys]
     new = [n for n in todo if n not in stack.slot_of]
@@ -213,10 +217,10 @@ def _rebuilt(adapters: nn.ModuleDict, kind, base_layer: nn.Module) -> Stack:
 
 def _grown(stack: Stack, slots: int) -> Stack:
     """The same stack with empty slots added at the end (one copy, no per-adapter work)."""
-    extra = slots - stack.A.shape[0]
+    extra = slots - stack.At.shape[0]
     scale = stack.scale
     return Stack(
-        A=torch.cat([stack.A, stack.A.new_zeros(extra, *stack.A.shape[1:])]),
+        At=torch.cat([stack.At, stack.At.new_zeros(extra, *stack.At.shape[1:])]),
         Bt=torch.cat([stack.Bt, stack.Bt.new_zeros(extra, *stack.Bt.shape[1:])]),
         scale=None if scale is None else torch.cat([scale, scale.new_ones(extra, scale.shape[1])]),
         slot_of=stack.slot_of, keys=stack.keys, ranks=stack.ranks + [0] * extra,
@@ -228,8 +232,8 @@ def _write(stack: Stack, slot: int, method: AdapterMethod, pair: tuple[torch.Ten
            base_layer: nn.Module) -> None:
     a, b = pair
     r = a.shape[0]
-    stack.A[slot, :r] = a
-    stack.A[slot, r:] = 0
+    stack.At[slot, :, :r] = a.t()
+    stack.At[slot, :, r:] = 0
     stack.Bt[slot, :r] = b.t()
     stack.Bt[slot, r:] = 0
     if stack.scale is not None:
@@ -310,19 +314,42 @@ def _gathered_update(kind, out: torch.Tensor, x: torch.Tensor, rows: torch.Tenso
                      inplace: bool) -> torch.Tensor:
     """out + each row's update from its own gathered factors (up to ``rank``) in batched products."""
     batch = x.shape[0]
+    if x[0].numel() == x.shape[-1] and not isinstance(kind, EmbeddingKind) and out.is_contiguous():
+        return _one_token_update(out, x, rows, stack, inplace)
     Bt_rows = stack.Bt[:, :rank].index_select(0, rows).to(out.dtype)  # (batch, R, out)
     if isinstance(kind, EmbeddingKind):
         # Row b, token t reads column x[b, t] of its adapter's A.
-        h = stack.A[rows[:, None], :rank, x.reshape(batch, -1)]  # (batch, L, R)
+        h = stack.At[rows[:, None], x.reshape(batch, -1), :rank]  # (batch, L, R)
     else:
-        A_rows = stack.A[:, :rank].index_select(0, rows)  # (batch, R, in)
-        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]), A_rows.transpose(1, 2).to(x.dtype))
+        At_rows = stack.At[:, :, :rank].index_select(0, rows)  # (batch, in, R)
+        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]), At_rows.to(x.dtype))
     h = h.to(out.dtype)
     # One GEMM accumulating into the output, as the single-adapter path does (kinds.add_up_);
     # under autograd not into a view, whose backward would clone the whole output gradient.
     if inplace and out.dim() == 3 and not (torch.is_grad_enabled() and out._is_view()):
         return out.baddbmm_(h, Bt_rows)
     return out + torch.bmm(h, Bt_rows).reshape(out.shape)
+
+
+def _one_token_update(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, stack: Stack,
+                      inplace: bool) -> torch.Tensor:
+    """A decoding step (one token per row) without gathering factors.
+
+    Both products are weighted sums of rows of the stack, read in place (``embedding_bag``):
+    h = Σᵢ xᵢ · Aᵀ[slot, i] over the input features, then Σᵣ hᵣ · Bᵀ[slot, r] over the rank. At
+    one token per row a gather's copy of every row's factors was most of the step's work; this
+    reads each of them once and writes nothing but h and the update. Padded ranks hold zeros
+    (exact).
+    """
+    batch, (slots, n_in, R), n_out = x.shape[0], stack.At.shape, stack.Bt.shape[-1]
+    At, Bt = stack.At.view(slots * n_in, R), stack.Bt.view(slots * R, n_out)
+    inputs = rows[:, None] * n_in + torch.arange(n_in, device=rows.device)  # (batch, in): rows of Aᵀ
+    h = F.embedding_bag(inputs, At, mode="sum", per_sample_weights=x.reshape(batch, n_in).to(At.dtype))
+    ranks = rows[:, None] * R + torch.arange(R, device=rows.device)  # (batch, R): rows of Bᵀ
+    update = F.embedding_bag(ranks, Bt, mode="sum", per_sample_weights=h.to(Bt.dtype)).to(out.dtype)
+    if inplace and not (torch.is_grad_enabled() and out._is_view()):
+        return out.add_(update.view(out.shape))
+    return out + update.view(out.shape)
 
 
 def embedding_check(kind, base_layer: nn.Module) -> None:
