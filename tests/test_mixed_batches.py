@@ -249,3 +249,20 @@ def test_a_changed_adapter_reaches_the_next_mixed_batch(change):
         assert (mixed[1] - before[1]).abs().max() > 1e-3, "the new values did not reach the mixed batch"
         assert_close(mixed[0], before[0], atol=1e-6, rtol=0)  # the other adapter's row is unchanged
         assert_close(mixed[1], alone(am, "b", ids[1:])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_training_between_mixed_batches_keeps_the_plan_state_bounded():
+    """Each in-place change gives an adapter a new token; a layer remembers one token per adapter,
+    not every token it has seen."""
+    am = lorakit.adapt(tiny_llama(layers=1), lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), "a")
+    am.add_adapter("b", lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), activate=False)
+    randomise(am, seed=1)
+    am.eval()
+    layer = next(la for p, la in am.adapted_layers().items() if p.endswith("q_proj"))
+    ids = torch.randint(0, 128, (2, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for step in range(6):
+            am.adapter_modules("a")[next(iter(am.adapter_modules("a")))].lora_B.add_(0.01 * step)
+            mixed = am(input_ids=ids, adapter_names=["a", "b"]).logits
+            assert len(layer.mix.confirmed) == 2
+        assert_close(mixed[0], alone(am, "a", ids[:1])[0], atol=1e-5, rtol=1e-5)

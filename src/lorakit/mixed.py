@@ -74,8 +74,9 @@ class LayerMix:
     current for, and the slot map of the last batch's names (reused while neither changes)."""
 
     stack: Stack | None = None
-    generation: int = -1  # the structure generation ``confirmed`` belongs to
-    confirmed: set = field(default_factory=set)  # (name, token) pairs: stacked and current, or not on the layer
+    generation: int = -1  # the structure generation ``current`` belongs to
+    current: dict = field(default_factory=dict)  # name → the token the stack is current at (or the name is not here)
+    confirmed: frozenset = frozenset()  # current's items, for a subset test per batch
     last: tuple | None = None  # (names, slot of each name with 0 first, largest rank among them)
 
     def forget(self, name: str) -> None:
@@ -116,6 +117,7 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 _VERSION = operator.attrgetter("_version")
 _ADDRESS = torch.Tensor.data_ptr
+
 
 class AdapterTokens:
     """Per model: a token per adapter that changes whenever any of its tensors may have changed.
@@ -261,11 +263,12 @@ def plan_batch(layers: Sequence, names: tuple[str, ...], rows: torch.Tensor,
     for layer in layers:
         mix: LayerMix = layer.mix
         if mix.generation != generation:
-            mix.generation, mix.confirmed = generation, set()
+            mix.generation, mix.current, mix.confirmed = generation, {}, frozenset()
         if not batch <= mix.confirmed:
             unconfirmed = [n for n, _ in batch - mix.confirmed]
             mix.stack = updated_stack(mix.stack, unconfirmed, layer.adapters, layer.kind, layer.base_layer)
-            mix.confirmed |= batch
+            mix.current.update(tokens)  # one token per name: training between batches grows nothing
+            mix.confirmed = frozenset(mix.current.items())
             mix.last = None  # slots may have moved
         if mix.last is None or mix.last[0] != names:
             stack = mix.stack
