@@ -5,6 +5,7 @@ any error."""
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -202,4 +203,33 @@ def test_an_interrupted_in_place_copy_removes_the_adapter(base, tmp_path, monkey
     with pytest.raises(RuntimeError, match="interrupted"):
         served.replace_adapter("team", two)
     assert [i.name for i in served.list_adapters()] == ["side"] and served.active == ("side",)
+    assert_close(rows(served, ["side", "base", "side"])[0], want_one[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["replace in place", "load"])
+def test_a_file_written_during_the_copy_is_not_served(base, tmp_path, monkeypatch, how):
+    """Tensors are read through the file's memory map until the copy ends, so a write to the file
+    midway (PEFT's save_pretrained rewrites in place) would mix versions or bring unchecked NaN:
+    the half-written adapter is removed and the error says why."""
+    (one, two), (want_one, _) = versions(base, CONFIGS["lora"], tmp_path)
+    weights = two / adapter_files.WEIGHTS_NAME
+    nan = (nan_file(two, tmp_path / "nan") / adapter_files.WEIGHTS_NAME).read_bytes()
+    assert len(nan) == weights.stat().st_size  # the same layout: the views now show the NaN file
+    served = served_two(base, one)
+    real = adapter_files._copy_tensors
+
+    def rewritten_midway(pairs):
+        real(pairs[: len(pairs) // 2])
+        time.sleep(0.02)  # past a coarse timestamp's tick
+        weights.write_bytes(nan)
+        real(pairs[len(pairs) // 2:])
+
+    monkeypatch.setattr(adapter_files, "_copy_tensors", rewritten_midway)
+    with pytest.raises(lorakit.AdapterFileError, match="written while it was being loaded"):
+        if how == "load":
+            lorakit.load_adapter(served, two, name="new")
+        else:
+            served.replace_adapter("team", two)
+    remaining = ["side"] if how != "load" else ["side", "team"]
+    assert sorted(i.name for i in served.list_adapters()) == remaining
     assert_close(rows(served, ["side", "base", "side"])[0], want_one[0], atol=1e-5, rtol=1e-5)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,6 +28,7 @@ from lorakit.fingerprint import fingerprint_mismatch
 from lorakit.finite import first_non_finite
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
+from lorakit.io.safetensors_reader import SafetensorsError, file_identity, open_tensors
 from lorakit.kinds import Conv1DKind, LayerKind, kind_for
 from lorakit.kinds_quantized import base_fingerprint
 from lorakit.methods import DoRA, LoRA, VeRA
@@ -151,10 +151,17 @@ class AdapterFile:
     tensors: dict[str, torch.Tensor]  # views of the file's memory map: copy what you keep
     lorakit: dict[str, Any] | None  # lorakit's metadata; None for files written by other tools
     source: str
+    identity: tuple[int, ...] | None = None  # the weights file's, when it was read (file_identity)
+
+    def changed(self) -> bool:
+        """True when the weights file was written or replaced since it was read: the tensors,
+        views of it, may no longer hold the checked values."""
+        return self.identity is not None and file_identity(Path(self.source) / WEIGHTS_NAME) != self.identity
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:
-    """Read and parse both files; a truncated or corrupt file raises AdapterFileError."""
+    """Read and parse both files and check the values for NaN/Inf; a truncated or corrupt file
+    raises AdapterFileError. The tensors are views of the weights file (see safetensors_reader)."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -167,11 +174,10 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{config_path} must hold a JSON object")
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    except Exception as exc:  # safetensors raises several types for a damaged file
+        mapped = open_tensors(weights_path)
+    except (OSError, SafetensorsError) as exc:
         raise AdapterFileError(f"{weights_path} cannot be read ({exc}); the file is corrupt or truncated") from exc
+    tensors, metadata = mapped.tensors, mapped.metadata
     lorakit = json.loads(metadata["lorakit"]) if "lorakit" in metadata else None
     config = from_peft_dict(raw, str(config_path))
     if lorakit is not None:
@@ -179,7 +185,7 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     bad = first_non_finite(list(tensors.values()))
     if bad is not None:
         raise AdapterFileError(f"{weights_path}: tensor {list(tensors)[bad]} holds NaN or Inf values")
-    return AdapterFile(config, tensors, lorakit, str(directory))
+    return AdapterFile(config, tensors, lorakit, str(directory), mapped.identity)
 
 
 def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any]) -> AdapterConfig:
@@ -233,6 +239,8 @@ def replace_adapter(
     beside the old one, which is then deleted and its name taken. Either way the adapter keeps its
     place among the active ones, and it is frozen afterwards if it was frozen before or
     ``trainable`` is False (as with :func:`load_adapter`, loads are for inference unless asked).
+    The values are read from the file until the copy ends: a copy interrupted, or a file written
+    meanwhile, removes the adapter rather than serve a mixture of values.
     """
     model._require(name)
     adapter = read_adapter(directory)
@@ -242,9 +250,11 @@ def replace_adapter(
     if pairs is not None:
         try:
             _copy_tensors(pairs)
+            _require_unchanged(adapter)
         except BaseException:
-            # Every check passed, so only an interruption gets here: the adapter holds some old and
-            # some new values, and serving that mixture would be worse than not serving it.
+            # Every check passed, so only an interruption or a file written during the copy gets
+            # here: the adapter holds a mixture of values, and serving that would be worse than
+            # not serving it.
             model.delete_adapter(name)
             raise
         model.configs[name] = adapter.config
@@ -272,6 +282,7 @@ def _attach(
         adapted.add_adapter(name, adapter.config, activate=activate)
     try:
         _copy_tensors(_copy_pairs(adapted, name, adapter))
+        _require_unchanged(adapter)
     except Exception:
         adapted.delete_adapter(name)
         raise
@@ -466,13 +477,24 @@ def _in_place_pairs(
 def _copy_tensors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Copy each file value into its tensor.
 
-    Copies, never ``param.data = value``: safetensors hands out tensors on a memory map of the
-    file, and a parameter left on it dies with SIGBUS when the file is later rewritten in place
+    Copies, never ``param.data = value``: the file's tensors are views of a memory map of it
+    (safetensors_reader), and a parameter left on it dies with SIGBUS when the file is later rewritten in place
     (PEFT's save_pretrained truncates and rewrites), taking a server down with it. ``copy_``
     also bumps each tensor's version, which DoRA's norm cache and mixed-batch stacks watch.
     """
     for dst, src in pairs:
         dst.copy_(src)
+
+
+def _require_unchanged(adapter: AdapterFile) -> None:
+    """The file's tensors were read through its memory map until now: a write to the file since
+    it was read and checked may have put unchecked values (NaN, another version's) in the copy."""
+    if adapter.changed():
+        raise AdapterFileError(
+            f"{Path(adapter.source) / WEIGHTS_NAME} was written while it was being loaded, so the copied values may "
+            "mix two versions of it (or unchecked NaN/Inf); the adapter was not kept. Load it again once it is "
+            "written; writing to a new file and renaming it into place avoids this."
+        )
 
 
 def _preview(items: list[str], n: int = 4) -> str:
