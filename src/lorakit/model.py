@@ -142,8 +142,8 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         if config.init == "gradient-svd" and gradient_loss is None:
             raise ConfigError("init 'gradient-svd' needs gradient_loss: a callable returning a loss on a few batches")
-        paths = resolve_targets(self.model, config)
         modules = plain_modules(self.model)
+        paths = resolve_targets(self.model, config, modules)
         saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
         if config.modules_to_save and not saved:
             raise ConfigError(f"modules_to_save {list(config.modules_to_save)} matched no module of the model")

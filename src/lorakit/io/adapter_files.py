@@ -31,6 +31,7 @@ from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 from lorakit.io.safetensors_reader import SafetensorsError, file_identity, open_tensors
 from lorakit.kinds import Conv1DKind, LayerKind, kind_for
 from lorakit.kinds_quantized import base_fingerprint
+from lorakit.layer import AdaptedLayer
 from lorakit.methods import DoRA, LoRA, VeRA
 from lorakit.methods.lora import factors_filled_by_caller
 from lorakit.model import AdaptedModel
@@ -218,7 +219,7 @@ def load_adapter(
     if adapted is not None and name in adapted.configs:
         raise AdapterFileError(f"an adapter named {name!r} is already loaded; delete it or choose another name")
     root = adapted.model if adapted is not None else model
-    plan = _check_against_model(root, adapter, check_fingerprint)
+    plan = _check_against_model(root, adapter, check_fingerprint, adapted.adapted_layers() if adapted else {})
     adapted = adapted or AdaptedModel(model)
     _attach(adapted, name, adapter, plan, trainable=trainable, activate=activate)
     return adapted
@@ -244,7 +245,7 @@ def replace_adapter(
     """
     model._require(name)
     adapter = read_adapter(directory)
-    plan = _check_against_model(model.model, adapter, check_fingerprint)
+    plan = _check_against_model(model.model, adapter, check_fingerprint, model.adapted_layers())
     frozen = name in model.frozen or not trainable
     pairs = _in_place_pairs(model, name, adapter, plan)
     if pairs is not None:
@@ -298,22 +299,24 @@ class _Plan:
     saved: list[str]
 
 
-def _check_against_model(root: nn.Module, adapter: AdapterFile, check_fingerprint: bool) -> _Plan:
+def _check_against_model(
+    root: nn.Module, adapter: AdapterFile, check_fingerprint: bool, layers: dict[str, AdaptedLayer]
+) -> _Plan:
+    """The file fits ``root`` (``layers``: the layers lorakit already wraps in it, by path)."""
     config, source = adapter.config, adapter.source
     modules = plain_modules(root)
     try:
-        targets = resolve_targets(root, config)
+        targets = resolve_targets(root, config, modules)
     except Exception as exc:
         raise AdapterFileError(f"{source}: the adapter's targets do not fit this model: {exc}") from exc
     saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
+    kinds = {path: layers[path].kind if path in layers else kind_for(modules[path]) for path in targets}
     expected: dict[str, tuple[int, ...]] = {}
-    for path in targets:
-        kind = kind_for(modules[path])
+    for path, kind in kinds.items():
         expected.update(_expected_shapes(config, path, kind))
     if config.method == "vera":
-        kinds = [kind_for(modules[p]) for p in targets]
-        expected["base_model.vera_A"] = (config.r, max(k.in_features for k in kinds))
-        expected["base_model.vera_B"] = (max(k.out_features for k in kinds), config.r)
+        expected["base_model.vera_A"] = (config.r, max(k.in_features for k in kinds.values()))
+        expected["base_model.vera_B"] = (max(k.out_features for k in kinds.values()), config.r)
     for path in saved:
         for pname, value in modules[path].state_dict().items():
             expected[PREFIX + path + "." + pname] = tuple(value.shape)
@@ -340,7 +343,7 @@ def _check_against_model(root: nn.Module, adapter: AdapterFile, check_fingerprin
     if check_fingerprint:
         if vocab_hint:
             raise FingerprintMismatchError(f"{source}:{vocab_hint} (check_fingerprint=False loads it anyway)")
-        _check_fingerprints(root, adapter, targets)
+        _check_fingerprints(modules, layers, adapter, targets)
     _check_base_copies(modules, adapter, base_copies, check_fingerprint)
     return _Plan(targets, saved)
 
@@ -395,17 +398,17 @@ def _vocab_hint(root: nn.Module, adapter: AdapterFile) -> str:
             f"call model.resize_token_embeddings({trained}) before loading.")
 
 
-def _check_fingerprints(root: nn.Module, adapter: AdapterFile, targets: list[str]) -> None:
+def _check_fingerprints(
+    modules: dict[str, nn.Module], layers: dict[str, AdaptedLayer], adapter: AdapterFile, targets: list[str]
+) -> None:
     recorded = (adapter.lorakit or {}).get("fingerprints")
     if not recorded:
         log.info("%s has no base fingerprint (not written by lorakit); skipping that check", adapter.source)
         return
-    from lorakit.layer import AdaptedLayer
-
     problems = []
     for path in targets:
-        module = root.get_submodule(path)
-        current = module.fingerprint if isinstance(module, AdaptedLayer) else base_fingerprint(module)
+        # a wrapped layer's fingerprint was taken when it was wrapped (before any merge)
+        current = layers[path].fingerprint if path in layers else base_fingerprint(modules[path])
         why = fingerprint_mismatch(recorded.get(path), current)
         if why:
             problems.append(f"{path}: {why}")
