@@ -35,6 +35,8 @@ from pathlib import Path
 
 import _common as c
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.io import adapter_files
@@ -60,6 +62,13 @@ def save_versions(am: lorakit.AdaptedModel, args: argparse.Namespace, root: Path
         c.randomise_b(am, name, torch.Generator().manual_seed(args.seed + 10 + k))
         folders.append(lorakit.save_adapter(am, root / name, name=name))
         am.delete_adapter(name)
+    if args.file_dtype != "float32":  # as PEFT saves an adapter cast to bf16; a load still makes float32 tensors
+        dtype = getattr(torch, args.file_dtype)
+        for folder in folders:
+            weights = folder / adapter_files.WEIGHTS_NAME
+            with safe_open(str(weights), framework="pt") as f:
+                metadata = f.metadata()
+            save_file({k: v.to(dtype) for k, v in load_file(weights).items()}, weights, metadata=metadata)
     return folders
 
 
@@ -141,6 +150,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--file-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the dtype the adapter files store (the loaded adapters are float32 either way)")
     parser.add_argument("--no-peft", action="store_true")
     args = parser.parse_args()
     c.set_threads(args)
@@ -175,7 +186,7 @@ def main() -> None:
         peft = None if args.no_peft else try_peft(seven_b(args), one)
 
     print(f"- model: Llama-2-7B shape on the meta device ({args.layers} layers); adapter: LoRA r={args.rank}, "
-          f"{modules} modules, {params:,} parameters, file {size / 2**20:.1f} MiB (fp32 safetensors)")
+          f"{modules} modules, {params:,} parameters, file {size / 2**20:.1f} MiB ({args.file_dtype} safetensors)")
     print(f"- {args.repeats} repeats of each operation, wall clock; load average at end: {c.loadavg()}")
     print()
     print(c.table(["operation", "median ms", "p90 ms", "min ms"], [

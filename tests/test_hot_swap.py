@@ -233,3 +233,34 @@ def test_a_file_written_during_the_copy_is_not_served(base, tmp_path, monkeypatc
     remaining = ["side"] if how != "load" else ["side", "team"]
     assert sorted(i.name for i in served.list_adapters()) == remaining
     assert_close(rows(served, ["side", "base", "side"])[0], want_one[0], atol=1e-5, rtol=1e-5)
+
+
+def as_bf16(path: Path, folder: Path) -> Path:
+    """``path`` with every tensor stored in bf16 (as PEFT saves an adapter cast to bf16)."""
+    folder.mkdir()
+    (folder / adapter_files.CONFIG_NAME).write_bytes((path / adapter_files.CONFIG_NAME).read_bytes())
+    from safetensors import safe_open
+
+    with safe_open(str(path / adapter_files.WEIGHTS_NAME), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(path / adapter_files.WEIGHTS_NAME).items()}
+    save_file(tensors, folder / adapter_files.WEIGHTS_NAME, metadata=metadata)
+    return folder
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_a_bf16_file_goes_in_place_and_ends_where_a_fresh_load_does(base, kind, tmp_path):
+    (one, two), _ = versions(base, CONFIGS[kind], tmp_path)
+    half = as_bf16(two, tmp_path / "bf16")
+    served = served_two(base, one)
+    rows(served, ["team", "side", "base"])
+    tensors = [id(p) for p in served._adapter_parameters("team")]
+
+    served.replace_adapter("team", half)
+
+    assert [id(p) for p in served._adapter_parameters("team")] == tensors, "modules were rebuilt"
+    fresh = lorakit.load_adapter(copy.deepcopy(base), half, name="team").eval()
+    got, want = dict(served.named_parameters()), dict(fresh.named_parameters())
+    for n, p in want.items():
+        assert got[n].dtype == p.dtype and torch.equal(got[n], p), n
+    assert_close(rows(served, ["team", "base", "team"])[0], rows(fresh, ["team", "base", "team"])[0])

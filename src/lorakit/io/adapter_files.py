@@ -233,8 +233,9 @@ def replace_adapter(
     The file is read, its values checked for NaN/Inf and the adapter checked against the model
     (keys, shapes, fingerprint, vocabulary) before anything changes, so a bad file leaves the
     served set as it was. When the new adapter has the old one's structure (equal config, every
-    tensor of the same shape and dtype, nothing merged, no PiSSA offset or Delta-LoRA shift: a
-    retrained version of a served adapter), its values are copied into the old adapter's tensors.
+    tensor of the same shape and of the dtype a load gives it, nothing merged, no PiSSA offset or
+    Delta-LoRA shift: a retrained version of a served adapter), its values are copied into the old
+    adapter's tensors.
     That builds no modules and allocates nothing, which is most of what a load costs (about 150 µs
     of Python per module and fresh pages for every byte). Otherwise the new adapter is loaded
     beside the old one, which is then deleted and its name taken. Either way the adapter keeps its
@@ -457,21 +458,27 @@ def _in_place_pairs(
     In place must end with the values a fresh load would give: the same config (so the same
     modules, ranks and scalings), no merged copy in the base weight to keep in step, no PiSSA
     offset or Delta-LoRA shift (a load starts without them), and every tensor already of the
-    file's shape and dtype, so each copy is a plain one. The served tensors keep their device (a
-    load copies to the adapter's device too).
+    file's shape and of the dtype a load gives it: torch's default dtype for the method's
+    tensors, the base module's for a trainable copy. A bf16 file then goes in place into float32
+    tensors, converted by the copy exactly as a load converts it. The served tensors keep their
+    device (a load copies to the adapter's device too).
     """
     if model.configs[name] != adapter.config:
         return None
     layers = model.layers_of(name)
-    saved = [path for path, module in model.saved_modules().items() if name in module.copies]
+    saved = {path: module for path, module in model.saved_modules().items() if name in module.copies}
     if sorted(layers) != sorted(plan.targets) or sorted(saved) != sorted(plan.saved):
         return None
     for layer in layers.values():
         method = layer.adapters[name]
         if name in layer.merged or (isinstance(method, LoRA) and (method.offset_A.shape[0] or method.shift_A.shape[0])):
             return None
+    loaded_dtype = {id(copy): original.dtype for module in saved.values()  # a load deep-copies the original
+                    for copy, original in zip(module.copies[name].state_dict(keep_vars=True).values(),
+                                              module.original.state_dict(keep_vars=True).values(), strict=True)}
+    default = torch.get_default_dtype()
     pairs = _copy_pairs(model, name, adapter)
-    if any(dst.shape != src.shape or dst.dtype != src.dtype for dst, src in pairs):
+    if any(dst.shape != src.shape or dst.dtype != loaded_dtype.get(id(dst), default) for dst, src in pairs):
         return None
     return pairs
 
