@@ -264,3 +264,21 @@ def test_a_bf16_file_goes_in_place_and_ends_where_a_fresh_load_does(base, kind, 
     for n, p in want.items():
         assert got[n].dtype == p.dtype and torch.equal(got[n], p), n
     assert_close(rows(served, ["team", "base", "team"])[0], rows(fresh, ["team", "base", "team"])[0])
+
+
+def test_a_file_read_beforehand_is_read_again_when_written_since(base, tmp_path):
+    """A server reads and checks the file before taking its lock; if the file is written while it
+    waits, the swap reads it again, so NaN written meanwhile is still refused before any change."""
+    (one, two), (_, want_two) = versions(base, CONFIGS["lora"], tmp_path)
+    served = served_two(base, one)
+    early = lorakit.read_adapter(two)
+    served.replace_adapter("team", early)  # unchanged: used as read
+    assert_close(rows(served, ["team", "base", "team"])[0], want_two[0], atol=1e-5, rtol=1e-5)
+    early = lorakit.read_adapter(one)
+    time.sleep(0.02)  # past a coarse timestamp's tick
+    weights = one / adapter_files.WEIGHTS_NAME
+    weights.write_bytes((nan_file(one, tmp_path / "nan") / adapter_files.WEIGHTS_NAME).read_bytes())
+    before = state(served)
+    with pytest.raises(lorakit.AdapterFileError, match="NaN"):
+        served.replace_adapter("team", early)
+    assert_same_state(served, before)

@@ -10,6 +10,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,11 @@ from lorakit.methods.base import AdapterMethod
 from lorakit.mixed import BASE, AdapterTokens, plan_batch
 from lorakit.saved_modules import SavedModule
 from lorakit.targets import matches_rules, plain_modules, resolve_targets
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from lorakit.io.adapter_files import AdapterFile
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 
@@ -161,7 +167,7 @@ class AdaptedModel(nn.Module):
         else:
             self._sync_trainable({name})
 
-    def replace_adapter(self, name: str, directory: str, **load_options) -> None:
+    def replace_adapter(self, name: str, directory: str | Path | AdapterFile, **load_options) -> None:
         """Hot swap: the adapter in ``directory`` takes the place of adapter ``name`` for the next batch.
 
         The file is checked completely (values, keys, shapes, fingerprint) before the old adapter

@@ -202,7 +202,7 @@ def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any]) -> A
 
 def load_adapter(
     model: nn.Module,
-    directory: str | Path,
+    directory: str | Path | AdapterFile,
     name: str = "default",
     *,
     trainable: bool = False,
@@ -213,8 +213,10 @@ def load_adapter(
 
     Every check runs before the model changes: keys, shapes, the base fingerprint and the
     vocabulary size. ``check_fingerprint=False`` loads onto a different base on purpose.
+    ``directory`` may be what :func:`read_adapter` returned for it, read beforehand (a server
+    reads and checks the file before taking the lock its batches hold).
     """
-    adapter = read_adapter(directory)
+    adapter = _current(directory)
     adapted = model if isinstance(model, AdaptedModel) else None
     if adapted is not None and name in adapted.configs:
         raise AdapterFileError(f"an adapter named {name!r} is already loaded; delete it or choose another name")
@@ -226,7 +228,8 @@ def load_adapter(
 
 
 def replace_adapter(
-    model: AdaptedModel, name: str, directory: str | Path, *, trainable: bool = False, check_fingerprint: bool = True
+    model: AdaptedModel, name: str, directory: str | Path | AdapterFile, *, trainable: bool = False,
+    check_fingerprint: bool = True,
 ) -> None:
     """Hot swap: the adapter in ``directory`` takes the place of adapter ``name`` for the next forward.
 
@@ -242,10 +245,11 @@ def replace_adapter(
     place among the active ones, and it is frozen afterwards if it was frozen before or
     ``trainable`` is False (as with :func:`load_adapter`, loads are for inference unless asked).
     The values are read from the file until the copy ends: a copy interrupted, or a file written
-    meanwhile, removes the adapter rather than serve a mixture of values.
+    meanwhile, removes the adapter rather than serve a mixture of values. ``directory`` may be
+    what :func:`read_adapter` returned for it, as with :func:`load_adapter`.
     """
     model._require(name)
-    adapter = read_adapter(directory)
+    adapter = _current(directory)
     plan = _check_against_model(model.model, adapter, check_fingerprint, model.adapted_layers())
     frozen = name in model.frozen or not trainable
     pairs = _in_place_pairs(model, name, adapter, plan)
@@ -274,6 +278,13 @@ def replace_adapter(
     model.freeze_adapter(name, frozen)
     if name in active:
         model.set_active(*active)
+
+
+def _current(directory: str | Path | AdapterFile) -> AdapterFile:
+    """The checked file: read now, or read before and still as it was (else read again)."""
+    if not isinstance(directory, AdapterFile):
+        return read_adapter(directory)
+    return read_adapter(directory.source) if directory.changed() else directory
 
 
 def _attach(
