@@ -10,8 +10,10 @@ a file it was just sent). Timed, ``--repeats`` times each, wall clock:
   fingerprints and values, build the adapter's modules and copy the tensors in;
 - replace: ``model.replace_adapter(name, other_folder)``, the hot swap. Both files have the same
   config (a retrained version), so the new values are copied into the served adapter's tensors
-  after every check; "other rank" swaps in an r/2 adapter, which takes the fresh-load path (load
-  the new one beside the old, delete the old, take its name);
+  after every check; "given read_adapter's result" passes the file read and checked beforehand
+  (untimed), as ``lorakit serve`` does before taking the lock its batches hold; "other rank" swaps
+  in an r/2 adapter, which takes the fresh-load path (load the new one beside the old, delete the
+  old, take its name);
 - switch: ``model.set_active(other)`` between two loaded adapters;
 - delete: ``model.delete_adapter(name)``.
 
@@ -164,7 +166,7 @@ def main() -> None:
         lorakit.load_adapter(am, one, name="warm-up")
         am.delete_adapter("warm-up")
 
-        load, delete, replace, restructure, switch = [], [], [], [], []
+        load, delete, replace, given_file, restructure, switch = [], [], [], [], [], []
         for _ in range(args.repeats):
             load.append(timed(lambda: lorakit.load_adapter(am, one, name="x")))
             delete.append(timed(lambda: am.delete_adapter("x")))
@@ -173,6 +175,10 @@ def main() -> None:
         for k in range(args.repeats):
             replace.append(timed(lambda k=k: am.replace_adapter("served", two if k % 2 == 0 else one)))
             switch.append(timed(lambda k=k: am.set_active("other" if k % 2 == 0 else "served")))
+        files = [adapter_files.read_adapter(two), adapter_files.read_adapter(one)]  # read and checked untimed
+        for k in range(args.repeats):
+            given_file.append(timed(lambda k=k, files=files: am.replace_adapter("served", files[k % 2])))
+        del files
         for k in range(args.repeats):
             restructure.append(timed(lambda k=k: am.replace_adapter("other", narrow if k % 2 == 0 else two)))
         modules = len(am.adapter_modules("served"))
@@ -192,6 +198,7 @@ def main() -> None:
     print(c.table(["operation", "median ms", "p90 ms", "min ms"], [
         ["load_adapter (file → loaded, frozen)", *stats(load)],
         ["replace_adapter (hot swap, retrained version: in place)", *stats(replace)],
+        ["the same, given read_adapter's result (the part a server's batches wait for)", *stats(given_file)],
         [f"replace_adapter (other rank, r={max(1, args.rank // 2)} ↔ {args.rank}: fresh load)", *stats(restructure)],
         ["set_active (switch between two loaded)", *stats(switch)],
         ["delete_adapter", *stats(delete)],
