@@ -1,10 +1,13 @@
 """A safetensors file as tensors on one memory map of it, its header checked first.
 
 safetensors' ``safe_open`` hands out the same views, but each ``get_tensor`` costs about 17 µs
-of bookkeeping: 7.6 ms for the 448 tensors of an all-linear 7B adapter, a tenth of a hot swap.
-Here the header is parsed once and each tensor is a slice of one mapping (about 2 µs each).
-Reading the file with ``read()`` instead was measured and is slower: the kernel's copy into the
-process runs at about two thirds of the speed at which torch reads a mapping (BENCHMARKS.md §5.2).
+of bookkeeping: 7.8 ms for the 448 tensors of an all-linear 7B adapter, over a tenth of a hot
+swap. Here the header is parsed once and each tensor is a slice of one mapping: 2.9 ms for the
+same file, header and mapping included. Reading the file with ``read()`` calls instead, which
+would spare the mapping's page faults, was measured and is slower: the faults are few (785
+for the 39,000 pages of that file: the kernel maps many pages per fault) and the kernel's copy
+out of the page cache costs more than torch reading the mapping directly (BENCHMARKS.md §5.2,
+``benchmarks/swap_read_paths.py``).
 
 The format: 8 bytes holding N (little-endian u64), N bytes of JSON mapping each tensor's name
 to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (byte offsets from the end of the
