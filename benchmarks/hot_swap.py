@@ -10,8 +10,10 @@ a file it was just sent). Timed, ``--repeats`` times each, wall clock:
   fingerprints and values, build the adapter's modules and copy the tensors in;
 - replace: ``model.replace_adapter(name, other_folder)``, the hot swap. Both files have the same
   config (a retrained version), so the new values are copied into the served adapter's tensors
-  after every check; "other rank" swaps in an r/2 adapter, which takes the fresh-load path (load
-  the new one beside the old, delete the old, take its name);
+  after every check; "given read_adapter's result" passes the file read and checked beforehand
+  (untimed), as ``lorakit serve`` does before taking the lock its batches hold; "other rank" swaps
+  in an r/2 adapter, which takes the fresh-load path (load the new one beside the old, delete the
+  old, take its name);
 - switch: ``model.set_active(other)`` between two loaded adapters;
 - delete: ``model.delete_adapter(name)``.
 
@@ -35,6 +37,8 @@ from pathlib import Path
 
 import _common as c
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.io import adapter_files
@@ -60,6 +64,13 @@ def save_versions(am: lorakit.AdaptedModel, args: argparse.Namespace, root: Path
         c.randomise_b(am, name, torch.Generator().manual_seed(args.seed + 10 + k))
         folders.append(lorakit.save_adapter(am, root / name, name=name))
         am.delete_adapter(name)
+    if args.file_dtype != "float32":  # as PEFT saves an adapter cast to bf16; a load still makes float32 tensors
+        dtype = getattr(torch, args.file_dtype)
+        for folder in folders:
+            weights = folder / adapter_files.WEIGHTS_NAME
+            with safe_open(str(weights), framework="pt") as f:
+                metadata = f.metadata()
+            save_file({k: v.to(dtype) for k, v in load_file(weights).items()}, weights, metadata=metadata)
     return folders
 
 
@@ -141,6 +152,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--file-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the dtype the adapter files store (the loaded adapters are float32 either way)")
     parser.add_argument("--no-peft", action="store_true")
     args = parser.parse_args()
     c.set_threads(args)
@@ -153,7 +166,7 @@ def main() -> None:
         lorakit.load_adapter(am, one, name="warm-up")
         am.delete_adapter("warm-up")
 
-        load, delete, replace, restructure, switch = [], [], [], [], []
+        load, delete, replace, given_file, restructure, switch = [], [], [], [], [], []
         for _ in range(args.repeats):
             load.append(timed(lambda: lorakit.load_adapter(am, one, name="x")))
             delete.append(timed(lambda: am.delete_adapter("x")))
@@ -162,6 +175,10 @@ def main() -> None:
         for k in range(args.repeats):
             replace.append(timed(lambda k=k: am.replace_adapter("served", two if k % 2 == 0 else one)))
             switch.append(timed(lambda k=k: am.set_active("other" if k % 2 == 0 else "served")))
+        files = [adapter_files.read_adapter(two), adapter_files.read_adapter(one)]  # read and checked untimed
+        for k in range(args.repeats):
+            given_file.append(timed(lambda k=k, files=files: am.replace_adapter("served", files[k % 2])))
+        del files
         for k in range(args.repeats):
             restructure.append(timed(lambda k=k: am.replace_adapter("other", narrow if k % 2 == 0 else two)))
         modules = len(am.adapter_modules("served"))
@@ -175,12 +192,13 @@ def main() -> None:
         peft = None if args.no_peft else try_peft(seven_b(args), one)
 
     print(f"- model: Llama-2-7B shape on the meta device ({args.layers} layers); adapter: LoRA r={args.rank}, "
-          f"{modules} modules, {params:,} parameters, file {size / 2**20:.1f} MiB (fp32 safetensors)")
+          f"{modules} modules, {params:,} parameters, file {size / 2**20:.1f} MiB ({args.file_dtype} safetensors)")
     print(f"- {args.repeats} repeats of each operation, wall clock; load average at end: {c.loadavg()}")
     print()
     print(c.table(["operation", "median ms", "p90 ms", "min ms"], [
         ["load_adapter (file → loaded, frozen)", *stats(load)],
         ["replace_adapter (hot swap, retrained version: in place)", *stats(replace)],
+        ["the same, given read_adapter's result (the part a server's batches wait for)", *stats(given_file)],
         [f"replace_adapter (other rank, r={max(1, args.rank // 2)} ↔ {args.rank}: fresh load)", *stats(restructure)],
         ["set_active (switch between two loaded)", *stats(switch)],
         ["delete_adapter", *stats(delete)],

@@ -5,6 +5,7 @@ any error."""
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,81 @@ def test_an_interrupted_in_place_copy_removes_the_adapter(base, tmp_path, monkey
         served.replace_adapter("team", two)
     assert [i.name for i in served.list_adapters()] == ["side"] and served.active == ("side",)
     assert_close(rows(served, ["side", "base", "side"])[0], want_one[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["replace in place", "load"])
+def test_a_file_written_during_the_copy_is_not_served(base, tmp_path, monkeypatch, how):
+    """Tensors are read through the file's memory map until the copy ends, so a write to the file
+    midway (PEFT's save_pretrained rewrites in place) would mix versions or bring unchecked NaN:
+    the half-written adapter is removed and the error says why."""
+    (one, two), (want_one, _) = versions(base, CONFIGS["lora"], tmp_path)
+    weights = two / adapter_files.WEIGHTS_NAME
+    nan = (nan_file(two, tmp_path / "nan") / adapter_files.WEIGHTS_NAME).read_bytes()
+    assert len(nan) == weights.stat().st_size  # the same layout: the views now show the NaN file
+    served = served_two(base, one)
+    real = adapter_files._copy_tensors
+
+    def rewritten_midway(pairs):
+        real(pairs[: len(pairs) // 2])
+        time.sleep(0.02)  # past a coarse timestamp's tick
+        weights.write_bytes(nan)
+        real(pairs[len(pairs) // 2:])
+
+    monkeypatch.setattr(adapter_files, "_copy_tensors", rewritten_midway)
+    with pytest.raises(lorakit.AdapterFileError, match="written while it was being loaded"):
+        if how == "load":
+            lorakit.load_adapter(served, two, name="new")
+        else:
+            served.replace_adapter("team", two)
+    remaining = ["side"] if how != "load" else ["side", "team"]
+    assert sorted(i.name for i in served.list_adapters()) == remaining
+    assert_close(rows(served, ["side", "base", "side"])[0], want_one[0], atol=1e-5, rtol=1e-5)
+
+
+def as_bf16(path: Path, folder: Path) -> Path:
+    """``path`` with every tensor stored in bf16 (as PEFT saves an adapter cast to bf16)."""
+    folder.mkdir()
+    (folder / adapter_files.CONFIG_NAME).write_bytes((path / adapter_files.CONFIG_NAME).read_bytes())
+    from safetensors import safe_open
+
+    with safe_open(str(path / adapter_files.WEIGHTS_NAME), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(path / adapter_files.WEIGHTS_NAME).items()}
+    save_file(tensors, folder / adapter_files.WEIGHTS_NAME, metadata=metadata)
+    return folder
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_a_bf16_file_goes_in_place_and_ends_where_a_fresh_load_does(base, kind, tmp_path):
+    (one, two), _ = versions(base, CONFIGS[kind], tmp_path)
+    half = as_bf16(two, tmp_path / "bf16")
+    served = served_two(base, one)
+    rows(served, ["team", "side", "base"])
+    tensors = [id(p) for p in served._adapter_parameters("team")]
+
+    served.replace_adapter("team", half)
+
+    assert [id(p) for p in served._adapter_parameters("team")] == tensors, "modules were rebuilt"
+    fresh = lorakit.load_adapter(copy.deepcopy(base), half, name="team").eval()
+    got, want = dict(served.named_parameters()), dict(fresh.named_parameters())
+    for n, p in want.items():
+        assert got[n].dtype == p.dtype and torch.equal(got[n], p), n
+    assert_close(rows(served, ["team", "base", "team"])[0], rows(fresh, ["team", "base", "team"])[0])
+
+
+def test_a_file_read_beforehand_is_read_again_when_written_since(base, tmp_path):
+    """A server reads and checks the file before taking its lock; if the file is written while it
+    waits, the swap reads it again, so NaN written meanwhile is still refused before any change."""
+    (one, two), (_, want_two) = versions(base, CONFIGS["lora"], tmp_path)
+    served = served_two(base, one)
+    early = lorakit.read_adapter(two)
+    served.replace_adapter("team", early)  # unchanged: used as read
+    assert_close(rows(served, ["team", "base", "team"])[0], want_two[0], atol=1e-5, rtol=1e-5)
+    early = lorakit.read_adapter(one)
+    time.sleep(0.02)  # past a coarse timestamp's tick
+    weights = one / adapter_files.WEIGHTS_NAME
+    weights.write_bytes((nan_file(one, tmp_path / "nan") / adapter_files.WEIGHTS_NAME).read_bytes())
+    before = state(served)
+    with pytest.raises(lorakit.AdapterFileError, match="NaN"):
+        served.replace_adapter("team", early)
+    assert_same_state(served, before)

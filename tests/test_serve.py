@@ -322,6 +322,41 @@ def test_adapters_load_swap_refuse_and_delete(served):
     assert served_ids() == ["base", *ADAPTERS]
 
 
+def test_a_swap_reads_the_file_while_batches_run_and_rereads_a_file_written_meanwhile(served, monkeypatch):
+    """A running batch holds the engine lock: the file read and its NaN/Inf check go on meanwhile
+    (batches then wait only for the copy). A file rewritten while the swap waits for the lock is
+    read again, so what is served is the file as it is when the copy starts."""
+    from lorakit.serve import engine as engine_module
+
+    engine, root, ref = served["engine"], served["root"], served["ref"]
+    folder = root / "adapters" / "moving"
+    shutil.copytree(root / "adapters" / "a2", folder)
+    read, done = engine_module.read_adapter, threading.Event()
+
+    def reading(directory):
+        adapter = read(directory)
+        done.set()
+        return adapter
+
+    monkeypatch.setattr(engine_module, "read_adapter", reading)
+    engine.load("moving", "moving")
+    done.clear()
+    result: dict = {}
+    with engine.lock:  # as a running batch holds it
+        swap = threading.Thread(target=lambda: result.update(engine.load("moving", "moving")))
+        swap.start()
+        assert done.wait(30), "the file was not read while a batch held the lock"
+        assert not result
+        time.sleep(0.02)  # past a coarse timestamp's tick
+        for name in ("adapter_config.json", "adapter_model.safetensors"):  # a5: the same structure, in place
+            (folder / name).write_bytes((root / "adapters" / "a5" / name).read_bytes())
+    swap.join(60)
+    assert result["replaced"] is True
+    text = served["client"].completions.create(model="moving", prompt="hello", max_tokens=8, temperature=0)
+    assert text.choices[0].text == ref.greedy("a5", "hello", 8)
+    engine.unload("moving")
+
+
 def test_a_corrupt_adapter_folder_stops_the_server_from_starting(tmp_path, served):
     root = tmp_path / "adapters"
     shutil.copytree(served["root"] / "adapters" / "a0", root / "a0")

@@ -8,7 +8,7 @@ from model_zoo import minilm, tiny_llama
 from torch import nn
 
 import lorakit
-from lorakit.targets import resolve_targets
+from lorakit.targets import matches_rules, resolve_targets
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,16 @@ def test_suffix_and_exact_names(llama):
     # A suffix matches whole path components only: "proj" is not a suffix of "q_proj".
     with pytest.raises(lorakit.TargetNotFoundError):
         targets(llama, target_modules=["proj"])
+
+
+def test_rules_match_whole_dotted_suffixes():
+    rules = ("self_attn.q_proj", "lm_head")
+    assert matches_rules("model.layers.0.self_attn.q_proj", rules) and matches_rules("lm_head", rules)
+    assert not matches_rules("model.layers.0.xself_attn.q_proj", rules)
+    assert not matches_rules("model.layers.0.self_attn.q_proj.base_layer", rules)
+    assert not matches_rules("attn.q_proj", rules) and not matches_rules("", rules)
+    assert matches_rules("a.b", ["b"]) and not matches_rules("a.b", [])  # lists work too
+    assert matches_rules("a.b", r"a\..") and not matches_rules("xa.b", r"a\..")
 
 
 def test_regex_is_a_full_match(llama):

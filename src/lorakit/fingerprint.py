@@ -27,7 +27,7 @@ def weight_fingerprint(weight: torch.Tensor) -> dict | None:
 
 def fingerprint_mismatch(expected: dict | None, actual: dict | None) -> str | None:
     """Why two fingerprints differ, or None when they match (or either is unknown)."""
-    if expected is None or actual is None:
+    if expected is None or actual is None or expected == actual:  # equal: the same base, as usual
         return None
     if list(expected["shape"]) != list(actual["shape"]):
         return f"weight shape {tuple(actual['shape'])} differs from the trained-on {tuple(expected['shape'])}"

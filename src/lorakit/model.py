@@ -10,6 +10,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,11 @@ from lorakit.methods.base import AdapterMethod
 from lorakit.mixed import BASE, AdapterTokens, plan_batch
 from lorakit.saved_modules import SavedModule
 from lorakit.targets import matches_rules, plain_modules, resolve_targets
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from lorakit.io.adapter_files import AdapterFile
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 
@@ -142,8 +148,8 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         if config.init == "gradient-svd" and gradient_loss is None:
             raise ConfigError("init 'gradient-svd' needs gradient_loss: a callable returning a loss on a few batches")
-        paths = resolve_targets(self.model, config)
         modules = plain_modules(self.model)
+        paths = resolve_targets(self.model, config, modules)
         saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
         if config.modules_to_save and not saved:
             raise ConfigError(f"modules_to_save {list(config.modules_to_save)} matched no module of the model")
@@ -161,7 +167,7 @@ class AdaptedModel(nn.Module):
         else:
             self._sync_trainable({name})
 
-    def replace_adapter(self, name: str, directory: str, **load_options) -> None:
+    def replace_adapter(self, name: str, directory: str | Path | AdapterFile, **load_options) -> None:
         """Hot swap: the adapter in ``directory`` takes the place of adapter ``name`` for the next batch.
 
         The file is checked completely (values, keys, shapes, fingerprint) before the old adapter

@@ -6,6 +6,7 @@ import difflib
 import functools
 import re
 from collections import Counter
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,21 +23,32 @@ COMMON_LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder_l
 
 def matches_rules(name: str, rules: tuple[str, ...] | str) -> bool:
     """A string is a regex that must match the whole name; a tuple of names matches a module
-    whose name equals one of them or ends with ``'.' + rule``.
-
-    The tuple is looked up as a set of the name's dotted suffixes, in time independent of the
-    number of rules (a file's config lists every adapted path: 224 for a 7B model).
-    """
-    if isinstance(rules, str):
-        return re.fullmatch(rules, name) is not None
-    wanted = _rule_set(tuple(rules))
-    parts = name.split(".")
-    return any(".".join(parts[i:]) in wanted for i in range(len(parts)))
+    whose name equals one of them or ends with ``'.' + rule``. See :func:`rule_matcher`."""
+    return rule_matcher(rules if isinstance(rules, str) else tuple(rules))(name)
 
 
 @functools.lru_cache(maxsize=64)
-def _rule_set(rules: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(rules)
+def rule_matcher(rules: tuple[str, ...] | str) -> Callable[[str], bool]:
+    """:func:`matches_rules` for fixed rules, to call on many names.
+
+    A tuple is looked up as a set of the name's dotted suffixes, in time independent of the
+    number of rules (a file's config lists every adapted path: 224 for a 7B model).
+    """
+    if isinstance(rules, str):
+        pattern = re.compile(rules)
+        return lambda name: pattern.fullmatch(name) is not None
+    wanted = frozenset(rules)
+
+    def match(name: str) -> bool:
+        start = 0
+        while True:  # name[start:] runs through the dotted suffixes, the whole name first
+            if name[start:] in wanted:
+                return True
+            start = name.find(".", start) + 1
+            if not start:
+                return False
+
+    return match
 
 
 def layer_index(name: str, layers_pattern: str | None) -> int | None:
@@ -60,19 +72,21 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Module paths that get an adapter under ``config``, in model order.
+def resolve_targets(model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module] | None = None) -> list[str]:
+    """Module paths that get an adapter under ``config``, in model order (``modules``: the
+    model's ``plain_modules``, when the caller has them).
 
     Raises TargetNotFoundError (listing near misses and the adaptable module kinds) when the
     rules match nothing, and when a named target exists but cannot be adapted.
     """
-    modules = plain_modules(model)
+    modules = plain_modules(model) if modules is None else modules
     targets = config.target_modules
     if targets == ALL_LINEAR:
         heads = output_head_names(model)
         chosen = [n for n, m in modules.items() if is_linear(m) and n not in heads]
     else:
-        chosen = [n for n in modules if matches_rules(n, targets)]
+        match = rule_matcher(targets)
+        chosen = [n for n in modules if match(n)]
         not_adaptable = [n for n in chosen if not is_adaptable(modules[n])]
         # A rule that names a container (e.g. "attention") matches its children by suffix only
         # when they are named; containers themselves are skipped silently unless nothing is left.

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,8 +28,10 @@ from lorakit.fingerprint import fingerprint_mismatch
 from lorakit.finite import first_non_finite
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
+from lorakit.io.safetensors_reader import SafetensorsError, file_identity, open_tensors
 from lorakit.kinds import Conv1DKind, LayerKind, kind_for
 from lorakit.kinds_quantized import base_fingerprint
+from lorakit.layer import AdaptedLayer
 from lorakit.methods import DoRA, LoRA, VeRA
 from lorakit.methods.lora import factors_filled_by_caller
 from lorakit.model import AdaptedModel
@@ -151,10 +152,17 @@ class AdapterFile:
     tensors: dict[str, torch.Tensor]  # views of the file's memory map: copy what you keep
     lorakit: dict[str, Any] | None  # lorakit's metadata; None for files written by other tools
     source: str
+    identity: tuple[int, ...] | None = None  # the weights file's, when it was read (file_identity)
+
+    def changed(self) -> bool:
+        """True when the weights file was written or replaced since it was read: the tensors,
+        views of it, may no longer hold the checked values."""
+        return self.identity is not None and file_identity(Path(self.source) / WEIGHTS_NAME) != self.identity
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:
-    """Read and parse both files; a truncated or corrupt file raises AdapterFileError."""
+    """Read and parse both files and check the values for NaN/Inf; a truncated or corrupt file
+    raises AdapterFileError. The tensors are views of the weights file (see safetensors_reader)."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -167,11 +175,10 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{config_path} must hold a JSON object")
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    except Exception as exc:  # safetensors raises several types for a damaged file
+        mapped = open_tensors(weights_path)
+    except (OSError, SafetensorsError) as exc:
         raise AdapterFileError(f"{weights_path} cannot be read ({exc}); the file is corrupt or truncated") from exc
+    tensors, metadata = mapped.tensors, mapped.metadata
     lorakit = json.loads(metadata["lorakit"]) if "lorakit" in metadata else None
     config = from_peft_dict(raw, str(config_path))
     if lorakit is not None:
@@ -179,7 +186,7 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     bad = first_non_finite(list(tensors.values()))
     if bad is not None:
         raise AdapterFileError(f"{weights_path}: tensor {list(tensors)[bad]} holds NaN or Inf values")
-    return AdapterFile(config, tensors, lorakit, str(directory))
+    return AdapterFile(config, tensors, lorakit, str(directory), mapped.identity)
 
 
 def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any]) -> AdapterConfig:
@@ -195,7 +202,7 @@ def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any]) -> A
 
 def load_adapter(
     model: nn.Module,
-    directory: str | Path,
+    directory: str | Path | AdapterFile,
     name: str = "default",
     *,
     trainable: bool = False,
@@ -206,45 +213,54 @@ def load_adapter(
 
     Every check runs before the model changes: keys, shapes, the base fingerprint and the
     vocabulary size. ``check_fingerprint=False`` loads onto a different base on purpose.
+    ``directory`` may be what :func:`read_adapter` returned for it, read beforehand (a server
+    reads and checks the file before taking the lock its batches hold).
     """
-    adapter = read_adapter(directory)
+    adapter = _current(directory)
     adapted = model if isinstance(model, AdaptedModel) else None
     if adapted is not None and name in adapted.configs:
         raise AdapterFileError(f"an adapter named {name!r} is already loaded; delete it or choose another name")
     root = adapted.model if adapted is not None else model
-    plan = _check_against_model(root, adapter, check_fingerprint)
+    plan = _check_against_model(root, adapter, check_fingerprint, adapted.adapted_layers() if adapted else {})
     adapted = adapted or AdaptedModel(model)
     _attach(adapted, name, adapter, plan, trainable=trainable, activate=activate)
     return adapted
 
 
 def replace_adapter(
-    model: AdaptedModel, name: str, directory: str | Path, *, trainable: bool = False, check_fingerprint: bool = True
+    model: AdaptedModel, name: str, directory: str | Path | AdapterFile, *, trainable: bool = False,
+    check_fingerprint: bool = True,
 ) -> None:
     """Hot swap: the adapter in ``directory`` takes the place of adapter ``name`` for the next forward.
 
     The file is read, its values checked for NaN/Inf and the adapter checked against the model
     (keys, shapes, fingerprint, vocabulary) before anything changes, so a bad file leaves the
     served set as it was. When the new adapter has the old one's structure (equal config, every
-    tensor of the same shape and dtype, nothing merged, no PiSSA offset or Delta-LoRA shift: a
-    retrained version of a served adapter), its values are copied into the old adapter's tensors.
+    tensor of the same shape and of the dtype a load gives it, nothing merged, no PiSSA offset or
+    Delta-LoRA shift: a retrained version of a served adapter), its values are copied into the old
+    adapter's tensors.
     That builds no modules and allocates nothing, which is most of what a load costs (about 150 µs
     of Python per module and fresh pages for every byte). Otherwise the new adapter is loaded
     beside the old one, which is then deleted and its name taken. Either way the adapter keeps its
     place among the active ones, and it is frozen afterwards if it was frozen before or
     ``trainable`` is False (as with :func:`load_adapter`, loads are for inference unless asked).
+    The values are read from the file until the copy ends: a copy interrupted, or a file written
+    meanwhile, removes the adapter rather than serve a mixture of values. ``directory`` may be
+    what :func:`read_adapter` returned for it, as with :func:`load_adapter`.
     """
     model._require(name)
-    adapter = read_adapter(directory)
-    plan = _check_against_model(model.model, adapter, check_fingerprint)
+    adapter = _current(directory)
+    plan = _check_against_model(model.model, adapter, check_fingerprint, model.adapted_layers())
     frozen = name in model.frozen or not trainable
     pairs = _in_place_pairs(model, name, adapter, plan)
     if pairs is not None:
         try:
             _copy_tensors(pairs)
+            _require_unchanged(adapter)
         except BaseException:
-            # Every check passed, so only an interruption gets here: the adapter holds some old and
-            # some new values, and serving that mixture would be worse than not serving it.
+            # Every check passed, so only an interruption or a file written during the copy gets
+            # here: the adapter holds a mixture of values, and serving that would be worse than
+            # not serving it.
             model.delete_adapter(name)
             raise
         model.configs[name] = adapter.config
@@ -264,6 +280,13 @@ def replace_adapter(
         model.set_active(*active)
 
 
+def _current(directory: str | Path | AdapterFile) -> AdapterFile:
+    """The checked file: read now, or read before and still as it was (else read again)."""
+    if not isinstance(directory, AdapterFile):
+        return read_adapter(directory)
+    return read_adapter(directory.source) if directory.changed() else directory
+
+
 def _attach(
     adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: _Plan, *, trainable: bool, activate: bool | None
 ) -> None:
@@ -272,6 +295,7 @@ def _attach(
         adapted.add_adapter(name, adapter.config, activate=activate)
     try:
         _copy_tensors(_copy_pairs(adapted, name, adapter))
+        _require_unchanged(adapter)
     except Exception:
         adapted.delete_adapter(name)
         raise
@@ -287,22 +311,24 @@ class _Plan:
     saved: list[str]
 
 
-def _check_against_model(root: nn.Module, adapter: AdapterFile, check_fingerprint: bool) -> _Plan:
+def _check_against_model(
+    root: nn.Module, adapter: AdapterFile, check_fingerprint: bool, layers: dict[str, AdaptedLayer]
+) -> _Plan:
+    """The file fits ``root`` (``layers``: the layers lorakit already wraps in it, by path)."""
     config, source = adapter.config, adapter.source
     modules = plain_modules(root)
     try:
-        targets = resolve_targets(root, config)
+        targets = resolve_targets(root, config, modules)
     except Exception as exc:
         raise AdapterFileError(f"{source}: the adapter's targets do not fit this model: {exc}") from exc
     saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
+    kinds = {path: layers[path].kind if path in layers else kind_for(modules[path]) for path in targets}
     expected: dict[str, tuple[int, ...]] = {}
-    for path in targets:
-        kind = kind_for(modules[path])
+    for path, kind in kinds.items():
         expected.update(_expected_shapes(config, path, kind))
     if config.method == "vera":
-        kinds = [kind_for(modules[p]) for p in targets]
-        expected["base_model.vera_A"] = (config.r, max(k.in_features for k in kinds))
-        expected["base_model.vera_B"] = (max(k.out_features for k in kinds), config.r)
+        expected["base_model.vera_A"] = (config.r, max(k.in_features for k in kinds.values()))
+        expected["base_model.vera_B"] = (max(k.out_features for k in kinds.values()), config.r)
     for path in saved:
         for pname, value in modules[path].state_dict().items():
             expected[PREFIX + path + "." + pname] = tuple(value.shape)
@@ -329,7 +355,7 @@ def _check_against_model(root: nn.Module, adapter: AdapterFile, check_fingerprin
     if check_fingerprint:
         if vocab_hint:
             raise FingerprintMismatchError(f"{source}:{vocab_hint} (check_fingerprint=False loads it anyway)")
-        _check_fingerprints(root, adapter, targets)
+        _check_fingerprints(modules, layers, adapter, targets)
     _check_base_copies(modules, adapter, base_copies, check_fingerprint)
     return _Plan(targets, saved)
 
@@ -384,17 +410,17 @@ def _vocab_hint(root: nn.Module, adapter: AdapterFile) -> str:
             f"call model.resize_token_embeddings({trained}) before loading.")
 
 
-def _check_fingerprints(root: nn.Module, adapter: AdapterFile, targets: list[str]) -> None:
+def _check_fingerprints(
+    modules: dict[str, nn.Module], layers: dict[str, AdaptedLayer], adapter: AdapterFile, targets: list[str]
+) -> None:
     recorded = (adapter.lorakit or {}).get("fingerprints")
     if not recorded:
         log.info("%s has no base fingerprint (not written by lorakit); skipping that check", adapter.source)
         return
-    from lorakit.layer import AdaptedLayer
-
     problems = []
     for path in targets:
-        module = root.get_submodule(path)
-        current = module.fingerprint if isinstance(module, AdaptedLayer) else base_fingerprint(module)
+        # a wrapped layer's fingerprint was taken when it was wrapped (before any merge)
+        current = layers[path].fingerprint if path in layers else base_fingerprint(modules[path])
         why = fingerprint_mismatch(recorded.get(path), current)
         if why:
             problems.append(f"{path}: {why}")
@@ -443,21 +469,27 @@ def _in_place_pairs(
     In place must end with the values a fresh load would give: the same config (so the same
     modules, ranks and scalings), no merged copy in the base weight to keep in step, no PiSSA
     offset or Delta-LoRA shift (a load starts without them), and every tensor already of the
-    file's shape and dtype, so each copy is a plain one. The served tensors keep their device (a
-    load copies to the adapter's device too).
+    file's shape and of the dtype a load gives it: torch's default dtype for the method's
+    tensors, the base module's for a trainable copy. A bf16 file then goes in place into float32
+    tensors, converted by the copy exactly as a load converts it. The served tensors keep their
+    device (a load copies to the adapter's device too).
     """
     if model.configs[name] != adapter.config:
         return None
     layers = model.layers_of(name)
-    saved = [path for path, module in model.saved_modules().items() if name in module.copies]
+    saved = {path: module for path, module in model.saved_modules().items() if name in module.copies}
     if sorted(layers) != sorted(plan.targets) or sorted(saved) != sorted(plan.saved):
         return None
     for layer in layers.values():
         method = layer.adapters[name]
         if name in layer.merged or (isinstance(method, LoRA) and (method.offset_A.shape[0] or method.shift_A.shape[0])):
             return None
+    loaded_dtype = {id(copy): original.dtype for module in saved.values()  # a load deep-copies the original
+                    for copy, original in zip(module.copies[name].state_dict(keep_vars=True).values(),
+                                              module.original.state_dict(keep_vars=True).values(), strict=True)}
+    default = torch.get_default_dtype()
     pairs = _copy_pairs(model, name, adapter)
-    if any(dst.shape != src.shape or dst.dtype != src.dtype for dst, src in pairs):
+    if any(dst.shape != src.shape or dst.dtype != loaded_dtype.get(id(dst), default) for dst, src in pairs):
         return None
     return pairs
 
@@ -466,13 +498,24 @@ def _in_place_pairs(
 def _copy_tensors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Copy each file value into its tensor.
 
-    Copies, never ``param.data = value``: safetensors hands out tensors on a memory map of the
-    file, and a parameter left on it dies with SIGBUS when the file is later rewritten in place
+    Copies, never ``param.data = value``: the file's tensors are views of a memory map of it
+    (safetensors_reader), and a parameter left on it dies with SIGBUS when the file is later rewritten in place
     (PEFT's save_pretrained truncates and rewrites), taking a server down with it. ``copy_``
     also bumps each tensor's version, which DoRA's norm cache and mixed-batch stacks watch.
     """
     for dst, src in pairs:
         dst.copy_(src)
+
+
+def _require_unchanged(adapter: AdapterFile) -> None:
+    """The file's tensors were read through its memory map until now: a write to the file since
+    it was read and checked may have put unchecked values (NaN, another version's) in the copy."""
+    if adapter.changed():
+        raise AdapterFileError(
+            f"{Path(adapter.source) / WEIGHTS_NAME} was written while it was being loaded, so the copied values may "
+            "mix two versions of it (or unchecked NaN/Inf); the adapter was not kept. Load it again once it is "
+            "written; writing to a new file and renaming it into place avoids this."
+        )
 
 
 def _preview(items: list[str], n: int = 4) -> str:

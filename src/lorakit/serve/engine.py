@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
-from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter
+from lorakit.io.safetensors_reader import SafetensorsError, read_header
 from lorakit.mixed import BASE
 from lorakit.model import AdaptedModel
 from lorakit.serve.batcher import Job
@@ -183,12 +184,16 @@ class Engine:
         folder = self.resolve_under_root(path)
         try:
             labels = self._check_head(folder)
+            # Reading the file and checking its values touch no model state: done before taking the
+            # lock, they keep batches running, which then wait only for the check against the model
+            # and the copy. A file written meanwhile is read again under the lock.
+            adapter = read_adapter(folder)
             with self._changing():
                 replaced = name in self.model.configs
                 if replaced:
-                    self.model.replace_adapter(name, str(folder))
+                    self.model.replace_adapter(name, adapter)
                 else:
-                    load_adapter(self.model, folder, name=name, activate=False)
+                    load_adapter(self.model, adapter, name=name, activate=False)
                 self.label_names[name] = labels
                 self.sources[name] = str(folder)
         except ServeError:
@@ -405,16 +410,14 @@ def adapter_heads(folder: Path) -> tuple[list[int], dict[str, Any]]:
     """(label counts of the classification heads an adapter file carries, its lorakit metadata)."""
     import json
 
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-            metadata = f.metadata() or {}
-            sizes = [int(f.get_slice(k).get_shape()[0]) for k in f.keys()  # noqa: SIM118
-                     if k.endswith(".weight") and any(part in HEADS for part in k.split(".")[2:-1])]
-    except Exception as exc:  # a missing or damaged file: the loader gives the full story
+        header = read_header(folder / WEIGHTS_NAME)
+    except (OSError, SafetensorsError) as exc:  # a missing or damaged file: the loader gives the full story
         raise AdapterFileError(f"{folder / WEIGHTS_NAME} cannot be read ({exc}); the file is corrupt or truncated") \
             from exc
+    metadata = header.metadata
+    sizes = [entry.shape[0] for k, entry in header.entries.items()
+             if k.endswith(".weight") and entry.shape and any(part in HEADS for part in k.split(".")[2:-1])]
     try:
         lorakit_meta = json.loads(metadata.get("lorakit", "{}"))
     except json.JSONDecodeError:
