@@ -86,12 +86,12 @@ def stats(ts: list[float]) -> list[str]:
 
 
 LOAD_STEPS = {"read files (+ NaN/Inf check)": (adapter_files, "read_adapter"),
-              "check against the model": (adapter_files, "_check_against_model"),
+              "check against the model": (adapter_files, "check_against_model"),
               "build the adapter's modules (add_adapter)": (lorakit.AdaptedModel, "add_adapter"),
               "copy tensors in": (adapter_files, "_copy_tensors"),
               "freeze (inference only)": (lorakit.AdaptedModel, "freeze_adapter")}
 REPLACE_STEPS = {"read files (+ NaN/Inf check)": (adapter_files, "read_adapter"),
-                 "check against the model": (adapter_files, "_check_against_model"),
+                 "check against the model": (adapter_files, "check_against_model"),
                  "match the served adapter's tensors": (adapter_files, "_in_place_pairs"),
                  "copy tensors in": (adapter_files, "_copy_tensors")}
 

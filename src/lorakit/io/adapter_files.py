@@ -23,26 +23,22 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.config import AdapterConfig
-from lorakit.errors import AdapterFileError, FingerprintMismatchError
-from lorakit.fingerprint import fingerprint_mismatch
+from lorakit.errors import AdapterFileError
 from lorakit.finite import first_non_finite
+from lorakit.io.adapter_checks import PREFIX, Plan, check_against_model, vocab_size
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.io.peft_config import from_peft_dict, to_peft_dict
 from lorakit.io.safetensors_reader import SafetensorsError, file_identity, open_tensors
-from lorakit.kinds import Conv1DKind, LayerKind, kind_for
-from lorakit.kinds_quantized import base_fingerprint
-from lorakit.layer import AdaptedLayer
+from lorakit.kinds import Conv1DKind
 from lorakit.methods import DoRA, LoRA, VeRA
 from lorakit.methods.lora import factors_filled_by_caller
 from lorakit.model import AdaptedModel
-from lorakit.targets import matches_rules, plain_modules, resolve_targets
+from lorakit.targets import plain_modules
 
 log = logging.getLogger("lorakit")
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-BASE_COPY = ".base_layer.weight"  # PEFT's copy of a targeted embedding layer's own weight
 FORMAT_VERSION = 1
 
 
@@ -103,7 +99,7 @@ def save_adapter(
             "method": config.method,
             "config": _config_to_json(config),
             "fingerprints": {path: layer.fingerprint for path, layer in layers.items()},
-            "vocab_size": _vocab_size(model.model),
+            "vocab_size": vocab_size(model.model),
         }),
     }
     directory = Path(directory)
@@ -129,16 +125,6 @@ def _plain_lora_factors(
 def _config_to_json(config: AdapterConfig) -> dict[str, Any]:
     data = asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-
-def _vocab_size(model: nn.Module) -> int | None:
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-    weight = getattr(emb, "weight", None)
-    return int(weight.shape[0]) if weight is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +207,7 @@ def load_adapter(
     if adapted is not None and name in adapted.configs:
         raise AdapterFileError(f"an adapter named {name!r} is already loaded; delete it or choose another name")
     root = adapted.model if adapted is not None else model
-    plan = _check_against_model(root, adapter, check_fingerprint, adapted.adapted_layers() if adapted else {})
+    plan = check_against_model(root, adapter, check_fingerprint, adapted.adapted_layers() if adapted else {})
     adapted = adapted or AdaptedModel(model)
     _attach(adapted, name, adapter, plan, trainable=trainable, activate=activate)
     return adapted
@@ -250,7 +236,7 @@ def replace_adapter(
     """
     model._require(name)
     adapter = _current(directory)
-    plan = _check_against_model(model.model, adapter, check_fingerprint, model.adapted_layers())
+    plan = check_against_model(model.model, adapter, check_fingerprint, model.adapted_layers())
     frozen = name in model.frozen or not trainable
     pairs = _in_place_pairs(model, name, adapter, plan)
     if pairs is not None:
@@ -288,7 +274,7 @@ def _current(directory: str | Path | AdapterFile) -> AdapterFile:
 
 
 def _attach(
-    adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: _Plan, *, trainable: bool, activate: bool | None
+    adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: Plan, *, trainable: bool, activate: bool | None
 ) -> None:
     """Build adapter ``name`` for a checked file and fill it with the file's values."""
     with factors_filled_by_caller():  # _copy_tensors fills every factor
@@ -303,133 +289,6 @@ def _attach(
         adapted.freeze_adapter(name)
     log.info("loaded adapter %r from %s: %d tensors onto %d modules", name, adapter.source,
              len(adapter.tensors), len(plan.targets))
-
-
-@dataclass
-class _Plan:
-    targets: list[str]
-    saved: list[str]
-
-
-def _check_against_model(
-    root: nn.Module, adapter: AdapterFile, check_fingerprint: bool, layers: dict[str, AdaptedLayer]
-) -> _Plan:
-    """The file fits ``root`` (``layers``: the layers lorakit already wraps in it, by path)."""
-    config, source = adapter.config, adapter.source
-    modules = plain_modules(root)
-    try:
-        targets = resolve_targets(root, config, modules)
-    except Exception as exc:
-        raise AdapterFileError(f"{source}: the adapter's targets do not fit this model: {exc}") from exc
-    saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
-    kinds = {path: layers[path].kind if path in layers else kind_for(modules[path]) for path in targets}
-    expected: dict[str, tuple[int, ...]] = {}
-    for path, kind in kinds.items():
-        expected.update(_expected_shapes(config, path, kind))
-    if config.method == "vera":
-        expected["base_model.vera_A"] = (config.r, max(k.in_features for k in kinds.values()))
-        expected["base_model.vera_B"] = (max(k.out_features for k in kinds.values()), config.r)
-    for path in saved:
-        for pname, value in modules[path].state_dict().items():
-            expected[PREFIX + path + "." + pname] = tuple(value.shape)
-    base_copies = [path for path in targets if PREFIX + path + BASE_COPY in adapter.tensors]
-    for path in base_copies:
-        expected[PREFIX + path + BASE_COPY] = tuple(modules[path].weight.shape)
-
-    found = adapter.tensors
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise AdapterFileError(
-            f"{source}: the adapter's tensors do not match this model's modules "
-            f"({len(expected) - len(missing)} of {len(expected)} expected tensors found). "
-            + (f"Missing: {_preview(missing)}. " if missing else "")
-            + (f"Unexpected: {_preview(unexpected)}. " if unexpected else "")
-            + "Is this adapter for a different architecture?"
-        )
-    vocab_hint = _vocab_hint(root, adapter)
-    bad = [f"{k}: file {tuple(found[k].shape)}, model needs {shape}"
-           for k, shape in expected.items() if tuple(found[k].shape) != shape]
-    if bad:
-        raise AdapterFileError(f"{source}: shape mismatch: {_preview(bad)}.{vocab_hint}")
-    if check_fingerprint:
-        if vocab_hint:
-            raise FingerprintMismatchError(f"{source}:{vocab_hint} (check_fingerprint=False loads it anyway)")
-        _check_fingerprints(modules, layers, adapter, targets)
-    _check_base_copies(modules, adapter, base_copies, check_fingerprint)
-    return _Plan(targets, saved)
-
-
-def _check_base_copies(
-    modules: dict[str, nn.Module], adapter: AdapterFile, paths: list[str], check_fingerprint: bool
-) -> None:
-    """PEFT's copies of targeted embedding weights must be this model's own; they are then ignored.
-
-    PEFT (``save_embedding_layers="auto"``) writes ``<path>.base_layer.weight`` for targeted
-    layers named like embeddings (embed_tokens, lm_head) and overwrites the base with it on load.
-    lorakit never replaces base weights, so a copy that differs from the model's is refused.
-    """
-    for path in paths:
-        stored = adapter.tensors[PREFIX + path + BASE_COPY]
-        if not check_fingerprint:
-            log.warning("%s: ignoring its copy of %s's base weight (check_fingerprint=False)", adapter.source, path)
-            continue
-        weight = modules[path].weight.detach()
-        low = stored.dtype if torch.finfo(stored.dtype).eps >= torch.finfo(weight.dtype).eps else weight.dtype
-        if not torch.equal(stored.to(low), weight.to("cpu", low)):
-            raise FingerprintMismatchError(
-                f"{adapter.source} holds its own base weight for {path} (PEFT saves one when embedding layers "
-                "are targeted, e.g. after resizing or training them) and it differs from this model's. lorakit "
-                f"does not replace base weights: copy it into {path}.weight first, or pass check_fingerprint=False "
-                "to ignore it."
-            )
-
-
-def _expected_shapes(config: AdapterConfig, path: str, kind: LayerKind) -> dict[str, tuple[int, ...]]:
-    key = PREFIX + path + "."
-    if config.method == "vera":
-        return {key + "vera_lambda_b": (kind.out_features,), key + "vera_lambda_d": (config.r,)}
-    r = config.rank_for(path)
-    meta = torch.device("meta")
-    shapes = {
-        key + kind.peft_a_key: tuple(kind.a_to_file(torch.empty(r, kind.in_features, device=meta)).shape),
-        key + kind.peft_b_key: tuple(kind.b_to_file(torch.empty(kind.out_features, r, device=meta)).shape),
-    }
-    if config.method == "dora":
-        magnitude = kind.magnitude_to_file(torch.empty(kind.out_features, device=meta))
-        shapes[key + "lora_magnitude_vector"] = tuple(magnitude.shape)
-    return shapes
-
-
-def _vocab_hint(root: nn.Module, adapter: AdapterFile) -> str:
-    trained = (adapter.lorakit or {}).get("vocab_size")
-    current = _vocab_size(root)
-    if trained is None or current is None or trained == current:
-        return ""
-    return (f" The adapter was trained with a vocabulary of {trained} tokens and this model has {current}: "
-            f"call model.resize_token_embeddings({trained}) before loading.")
-
-
-def _check_fingerprints(
-    modules: dict[str, nn.Module], layers: dict[str, AdaptedLayer], adapter: AdapterFile, targets: list[str]
-) -> None:
-    recorded = (adapter.lorakit or {}).get("fingerprints")
-    if not recorded:
-        log.info("%s has no base fingerprint (not written by lorakit); skipping that check", adapter.source)
-        return
-    problems = []
-    for path in targets:
-        # a wrapped layer's fingerprint was taken when it was wrapped (before any merge)
-        current = layers[path].fingerprint if path in layers else base_fingerprint(modules[path])
-        why = fingerprint_mismatch(recorded.get(path), current)
-        if why:
-            problems.append(f"{path}: {why}")
-    if problems:
-        raise FingerprintMismatchError(
-            f"{adapter.source} was trained on different base weights than this model "
-            f"({len(problems)} of {len(targets)} modules differ; first: {problems[0]}). "
-            "Load the base it was trained on, or pass check_fingerprint=False to load it anyway."
-        )
 
 
 def _copy_pairs(adapted: AdaptedModel, name: str, adapter: AdapterFile) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -461,7 +320,7 @@ def _copy_pairs(adapted: AdaptedModel, name: str, adapter: AdapterFile) -> list[
 
 
 def _in_place_pairs(
-    model: AdaptedModel, name: str, adapter: AdapterFile, plan: _Plan
+    model: AdaptedModel, name: str, adapter: AdapterFile, plan: Plan
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The copies that turn adapter ``name`` into the checked file's adapter without building
     anything, or None when the file's adapter is built differently.
@@ -516,10 +375,6 @@ def _require_unchanged(adapter: AdapterFile) -> None:
             "mix two versions of it (or unchecked NaN/Inf); the adapter was not kept. Load it again once it is "
             "written; writing to a new file and renaming it into place avoids this."
         )
-
-
-def _preview(items: list[str], n: int = 4) -> str:
-    return ", ".join(items[:n]) + (f" … ({len(items)} in all)" if len(items) > n else "")
 
 
 __all__ = ["AdapterFile", "load_adapter", "read_adapter", "replace_adapter", "save_adapter"]
