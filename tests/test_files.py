@@ -65,6 +65,12 @@ def test_corrupt_config_is_refused(base, saved):
     refuse(base, saved, "not valid JSON")
 
 
+def test_corrupt_lorakit_metadata_is_refused(base, saved):
+    path = saved / "adapter_model.safetensors"
+    save_file(load_file(path), path, metadata={"lorakit": '{"fingerprints": '})
+    refuse(base, saved, "lorakit metadata is not valid JSON")
+
+
 def test_missing_key_is_named(base, saved):
     path = saved / "adapter_model.safetensors"
     tensors = load_file(path)

@@ -165,7 +165,10 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     except (OSError, SafetensorsError) as exc:
         raise AdapterFileError(f"{weights_path} cannot be read ({exc}); the file is corrupt or truncated") from exc
     tensors, metadata = mapped.tensors, mapped.metadata
-    lorakit = json.loads(metadata["lorakit"]) if "lorakit" in metadata else None
+    try:
+        lorakit = json.loads(metadata["lorakit"]) if "lorakit" in metadata else None
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{weights_path}: its lorakit metadata is not valid JSON ({exc})") from exc
     config = from_peft_dict(raw, str(config_path))
     if lorakit is not None:
         config = _restore_lorakit_fields(config, lorakit)
