@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from model_zoo import tiny_llama
+from test_fused import fused_step_equals_generic
 from test_methods import randomise
 from torch.testing import assert_close
 
@@ -142,28 +143,7 @@ def test_mixed_batch_on_cuda_equals_each_row_alone():
 
 
 def test_fused_training_step_on_cuda_equals_the_generic_path(monkeypatch):
-    tokens = ids(seed=4).to(CUDA)
-
-    def step() -> tuple[float, dict[str, torch.Tensor]]:
-        torch.manual_seed(0)
-        am = lorakit.adapt(tiny_llama(seed=0).double(), lorakit.AdapterConfig(r=4, target_modules="all-linear"))
-        randomise(am.double())
-        am.to(CUDA).train()
-        loss = am(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        return loss.item(), {n: p.grad for n, p in am.named_parameters() if p.requires_grad}
-
-    calls = []
-    real = lorakit.layer.fused_linear
-    monkeypatch.setattr(lorakit.layer, "fused_linear", lambda *a: calls.append(1) or real(*a))
-    loss, fused = step()
-    assert calls and all(g.is_cuda for g in fused.values())
-    monkeypatch.setattr(lorakit.layer, "fused_linear", lambda *args: None)
-    loss_generic, generic = step()
-    assert loss == pytest.approx(loss_generic, rel=1e-12)
-    assert fused.keys() == generic.keys() and len(fused) > 0
-    for name in fused:
-        assert_close(fused[name], generic[name], atol=1e-12, rtol=1e-10, msg=name)
+    fused_step_equals_generic(ids(seed=4).to(CUDA), monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["lora", "dora", "vera", "lora-fa"])

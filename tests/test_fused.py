@@ -125,18 +125,27 @@ def test_dropout_in_eval_mode_takes_the_fused_path() -> None:
 
 def test_training_step_on_a_model_equals_the_generic_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole causal-LM step (float64): same loss and the same gradient of every trainable tensor."""
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    fused_step_equals_generic(torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0)), monkeypatch)
 
+
+def fused_step_equals_generic(ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One float64 causal-LM step of an all-linear LoRA on ``ids``' device, through the fused path
+    and then the generic one: the same loss and the same gradient of every trainable tensor."""
     def grads() -> tuple[float, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         am = lorakit.adapt(tiny_llama(seed=0).double(), lorakit.AdapterConfig(r=4, target_modules="all-linear"))
         randomise(am.double())
-        am.train()
+        am.to(ids.device).train()
         loss = am(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.item(), {n: p.grad for n, p in am.named_parameters() if p.requires_grad}
 
+    fused_outputs: list[torch.Tensor | None] = []
+    real = lorakit.layer.fused_linear
+    monkeypatch.setattr(lorakit.layer, "fused_linear", lambda *a: fused_outputs.append(real(*a)) or fused_outputs[-1])
     loss, fused = grads()
+    assert fused_outputs and all(y is not None for y in fused_outputs), "the fused path was not taken"
+    assert all(g.device == ids.device for g in fused.values())
     monkeypatch.setattr(lorakit.layer, "fused_linear", lambda *args: None)
     loss_generic, generic = grads()
     assert loss == pytest.approx(loss_generic, rel=1e-12)
