@@ -303,7 +303,10 @@ def mixed_forward(
     if x.shape[0] != rows.shape[0]:
         raise ValueError(f"mixed batch: {x.shape[0]} rows in the input but {rows.shape[0]} adapter names")
     batch = x.shape[0]
-    total = _gathered_update(kind, out, x, rows, rank, stack, inplace)
+    if x[0].numel() == x.shape[-1] and not isinstance(kind, EmbeddingKind) and out.is_contiguous():
+        total = _one_token_update(out, x, rows, stack, inplace)  # a decoding step
+    else:
+        total = _gathered_update(kind, out, x, rows, rank, stack, inplace)
     if stack.scale is None:
         return total
     scale = stack.scale[rows].to(out.dtype).reshape(batch, *([1] * (out.dim() - 2)), -1)
@@ -317,8 +320,6 @@ def _gathered_update(kind, out: torch.Tensor, x: torch.Tensor, rows: torch.Tenso
                      inplace: bool) -> torch.Tensor:
     """out + each row's update from its own gathered factors (up to ``rank``) in batched products."""
     batch = x.shape[0]
-    if x[0].numel() == x.shape[-1] and not isinstance(kind, EmbeddingKind) and out.is_contiguous():
-        return _one_token_update(out, x, rows, stack, inplace)
     Bt_rows = stack.Bt[:, :rank].index_select(0, rows).to(out.dtype)  # (batch, R, out)
     if isinstance(kind, EmbeddingKind):
         # Row b, token t reads column x[b, t] of its adapter's A.
