@@ -220,6 +220,22 @@ def test_adapters_load_swap_refuse_and_delete(served):
     assert served_ids() == ["base", *ADAPTERS]
 
 
+def test_a_training_run_folder_loads_like_its_adapter_folder(served, tmp_path):
+    client, ref, root = served["client"], served["ref"], served["root"]
+    run = root / "adapters" / "run_a4"
+    shutil.copytree(root / "adapters" / "a4", run / "adapter")
+    (run / "summary.json").write_text("{}")
+    r = http(served, "POST", "/v1/adapters", json={"name": "from_run", "path": "run_a4"})
+    assert r.status_code == 200, r.text
+    text = client.completions.create(model="from_run", prompt="hello", max_tokens=8, temperature=0).choices[0].text
+    assert text == ref.greedy("a4", "hello", 8)
+    assert http(served, "DELETE", "/v1/adapters/from_run").status_code == 200
+    from lorakit.serve import build_engine
+
+    shutil.move(run, tmp_path / "run_a4")
+    assert build_engine(str(root / "base"), tmp_path).adapter_names() == ["run_a4"]  # found at start-up too
+
+
 def test_a_swap_reads_the_file_while_batches_run_and_rereads_a_file_written_meanwhile(served, monkeypatch):
     """A running batch holds the engine lock: the file read and its NaN/Inf check go on meanwhile
     (batches then wait only for the copy). A file rewritten while the swap waits for the lock is

@@ -33,7 +33,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _merge_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model folder, or 'default'")
-    parser.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
+    parser.add_argument("--adapter", required=True, help="adapter folder (PEFT layout) or `lorakit train` run folder")
     parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
     parser.add_argument("--ignore-fingerprint", action="store_true",
                         help="merge even if the adapter was trained on other base weights")
@@ -51,7 +51,7 @@ def _combine_parser(parser: argparse.ArgumentParser) -> None:
     from lorakit.combine import COMBINATIONS
 
     parser.add_argument("--model", required=True, help="base model folder, or 'default'")
-    parser.add_argument("--adapters", required=True, help="comma-separated adapter folders (PEFT layout)")
+    parser.add_argument("--adapters", required=True, help="comma-separated adapter or run folders")
     parser.add_argument("--weights", required=True, help="comma-separated weights, one per adapter (may be negative)")
     parser.add_argument("--type", default="linear", choices=COMBINATIONS, help="how to combine")
     parser.add_argument("--density", type=float, default=0.5, help="share of entries kept by ties/dare/magnitude_prune")
@@ -86,7 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model: a folder, 'default', or 'random:<arch>,...'")
     parser.add_argument("--adapters", required=True,
-                        help="adapter root: every subfolder holding adapter_config.json is served under its name; "
+                        help="adapter root: every subfolder holding adapter_config.json (or a run folder's "
+                             "adapter/) is served under its name; "
                              "POST /v1/adapters loads only from folders under it")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -103,11 +104,78 @@ def _serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from lorakit.evaluation import EvalOptions, crossed, evaluate, parse_conditions, summary_lines, write_report
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    conditions = parse_conditions(args.fail_if) if args.fail_if else []  # a typo fails before the work
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    options = EvalOptions(
+        adapters=args.adapter, out=args.out, model=args.model, data=args.data or [], keep=args.keep or [],
+        general=args.general, general_samples=args.general_samples, task=args.task, text_column=args.text_column,
+        label_column=args.label_column, combine=args.combine, weights=weights, density=args.density, rank=args.rank,
+        max_length=args.max_length, batch_size=args.batch_size, bootstrap=args.bootstrap, seed=args.seed,
+        bf16=args.bf16, quiet=args.quiet,
+    )
+    report = evaluate(options)
+    failed = crossed(report, conditions)
+    report["gates"] = {"conditions": [str(c) for c in conditions],
+                       "crossed": [{"condition": str(c), "value": v} for c, v in failed]}
+    write_report(report, args.out)
+    print("\n".join(summary_lines(report)))
+    print(f"report: {args.out}/report.html (and report.md, report.json)")
+    for condition, value in failed:
+        print(f"lorakit eval: fail: {condition} (value {value:.4g})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _eval_parser(parser: argparse.ArgumentParser) -> None:
+    from lorakit.combine import COMBINATIONS
+
+    parser.add_argument("--adapter", action="append", required=True,
+                        help="adapter folder or `lorakit train` run folder; repeat for several")
+    parser.add_argument("--model", default=None,
+                        help="base model folder, 'default' or 'random:...' (default: the run's)")
+    parser.add_argument("--data", action="append", default=None,
+                        help="task file (CSV/TSV/JSONL, or 'default'): once for all adapters or once per adapter "
+                             "(default: each run's evaluation data)")
+    parser.add_argument("--keep", action="append", default=None,
+                        help="data the base should still handle (repeatable); default: the task file")
+    parser.add_argument("--general", default=None,
+                        help="general-text passages (.txt, blank-line separated, or .jsonl with 'text'); default: "
+                             "the sample shipped with lorakit; 'none' skips forgetting")
+    parser.add_argument("--general-samples", type=int, default=None, help="use the first N general passages")
+    parser.add_argument("--task", choices=["classify", "causal-lm"], default=None, help="default: the adapter's")
+    parser.add_argument("--text-column", default=None)
+    parser.add_argument("--label-column", default=None)
+    parser.add_argument("--combine", choices=COMBINATIONS, default=None,
+                        help="also evaluate the adapters' combination, as `lorakit combine` would ship it")
+    parser.add_argument("--weights", default=None, help="comma-separated combination weights (default: equal)")
+    parser.add_argument("--density", type=float, default=0.5, help="ties/dare/magnitude_prune: share kept")
+    parser.add_argument("--rank", type=int, default=None, help="rank of SVD-based combinations")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's, or 256)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence intervals")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed, and a random base's seed")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="off",
+                        help="bf16 autocast for the passes (parity is always in the model's own dtype)")
+    parser.add_argument("--fail-if", default=None,
+                        help="comma-separated conditions on report.json figures, e.g. "
+                             "'keep.flips_right_to_wrong>5,general.forgetting_nats>0.1': exit 1 when one holds")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--out", required=True, help="folder for report.json, report.md and report.html")
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train an adapter from a YAML file and/or flags", _train_parser, _train),
     "merge": ("merge an adapter into its base and write a plain Hugging Face model folder", _merge_parser, _merge),
     "serve": ("serve a base model and its adapters over an OpenAI-compatible HTTP API", _serve_parser, _serve),
     "combine": ("combine adapters (linear, svd, ties, dare) into one new adapter", _combine_parser, _combine),
+    "eval": ("what an adapter learned, broke and forgot: a regression report against its base", _eval_parser, _eval),
 }
 
 

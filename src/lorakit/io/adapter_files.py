@@ -40,6 +40,29 @@ log = logging.getLogger("lorakit")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+RUN_ADAPTER = "adapter"  # where `lorakit train` writes the adapter inside its run folder
+
+
+def adapter_folder(directory: str | Path) -> Path:
+    """The folder that holds the adapter files: ``directory`` itself, or, for the folder of a
+    ``lorakit train`` run, its ``adapter`` subfolder. Users pass whichever they have at hand, so
+    every command that takes an adapter accepts both."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() and (directory / RUN_ADAPTER / CONFIG_NAME).is_file():
+        return directory / RUN_ADAPTER
+    return directory
+
+
+def _missing_adapter_message(directory: Path, path: Path) -> str:
+    """Why ``directory`` is no adapter folder, with what to pass instead when it is a run folder."""
+    if (directory / "summary.json").is_file() or (directory / "checkpoints").is_dir():
+        if (directory / "model" / "config.json").is_file():
+            return (f"{directory} is a `lorakit train` run of a whole-model baseline (--method full/head): it holds "
+                    f"no adapter; its trained model is the folder {directory / 'model'}")
+        return (f"{directory} is a `lorakit train` run folder without a finished adapter (no "
+                f"{RUN_ADAPTER}/{CONFIG_NAME}); finish it with `lorakit train ... --resume`")
+    return f"{path} does not exist; an adapter folder (or a `lorakit train` run folder) holds {CONFIG_NAME} and " \
+           f"{WEIGHTS_NAME}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,11 +172,11 @@ class AdapterFile:
 def read_adapter(directory: str | Path) -> AdapterFile:
     """Read and parse both files and check the values for NaN/Inf; a truncated or corrupt file
     raises AdapterFileError. The tensors are views of the weights file (see safetensors_reader)."""
-    directory = Path(directory)
+    directory = adapter_folder(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise AdapterFileError(f"{path} does not exist; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise AdapterFileError(_missing_adapter_message(directory, path))
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

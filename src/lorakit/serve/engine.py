@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
-from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter
+from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_folder, load_adapter, read_adapter
 from lorakit.io.safetensors_reader import SafetensorsError, read_header
 from lorakit.mixed import BASE
 from lorakit.model import AdaptedModel
@@ -173,9 +173,10 @@ class Engine:
         if folder == self.adapter_root or not folder.is_relative_to(self.adapter_root):
             raise ServeError(403, f"path {path!r} is outside the adapter root; adapters load only from folders "
                              "under --adapters", "path_not_allowed", "path")
+        folder = adapter_folder(folder)  # a `lorakit train` run folder serves its adapter
         if not (folder / CONFIG_NAME).is_file():
-            raise ServeError(400, f"path {path!r} is not an adapter folder (no {CONFIG_NAME})", "invalid_adapter",
-                             "path")
+            raise ServeError(400, f"path {path!r} is neither an adapter folder nor a training run folder (no "
+                             f"{CONFIG_NAME})", "invalid_adapter", "path")
         return folder
 
     def load(self, name: str, path: str) -> dict[str, Any]:

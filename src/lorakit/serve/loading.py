@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
-from lorakit.io.adapter_files import CONFIG_NAME, load_adapter
+from lorakit.io.adapter_files import CONFIG_NAME, adapter_folder, load_adapter
 from lorakit.model import AdaptedModel
 from lorakit.serve.engine import CAUSAL_SUFFIXES, Engine, adapter_heads, check_name, log
 
@@ -18,19 +18,22 @@ from lorakit.serve.engine import CAUSAL_SUFFIXES, Engine, adapter_heads, check_n
 def build_engine(model_spec: str, adapter_root: str | Path, *, max_prompt_tokens: int = 2048,
                  max_tokens_limit: int = 512, seed: int = 0) -> Engine:
     """Load the base (``default``, a folder or ``random:...``), its tokenizer, and every adapter
-    folder under ``adapter_root`` (a subfolder holding adapter_config.json) under its folder name."""
+    folder under ``adapter_root`` (a subfolder holding adapter_config.json, or a ``lorakit train`` run folder
+    holding one in ``adapter/``) under its folder name."""
     from lorakit.train.models import load_model, load_tokenizer, random_config, resolve_model_dir
 
     root = Path(adapter_root)
     if not root.is_dir():
         raise ConfigError(f"--adapters {adapter_root} is not a folder")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
-    for folder in folders:
-        check_name(folder.name, ConfigError)
+    # An adapter folder, or a `lorakit train` run folder (its adapter/ subfolder), under its own name.
+    named = {p.name: adapter_folder(p) for p in sorted(root.iterdir()) if p.is_dir()}
+    named = {name: folder for name, folder in named.items() if (folder / CONFIG_NAME).is_file()}
+    for name in named:
+        check_name(name, ConfigError)
     heads = {}
-    for folder in folders:
+    for name, folder in named.items():
         try:
-            heads[folder.name] = adapter_heads(folder)
+            heads[name] = adapter_heads(folder)
         except AdapterFileError as exc:
             raise ConfigError(f"adapter folder {folder} cannot be served: {exc}") from exc
     with_head = {n: h[0][0] for n, h in heads.items() if h[0]}
@@ -73,18 +76,18 @@ def build_engine(model_spec: str, adapter_root: str | Path, *, max_prompt_tokens
     adapted = AdaptedModel(model.eval())
     labels: dict[str, list[str]] = {}
     sources: dict[str, str] = {}
-    for folder in folders:
+    for name, folder in named.items():
         try:
-            load_adapter(adapted, folder, name=folder.name, activate=False)
+            load_adapter(adapted, folder, name=name, activate=False)
         except LorakitError as exc:
             raise ConfigError(f"adapter folder {folder} cannot be served: {exc}") from exc
-        metadata_labels = heads[folder.name][1].get("label_names")
+        metadata_labels = heads[name][1].get("label_names")
         if isinstance(metadata_labels, list) and task == "classify" and len(metadata_labels) == model.config.num_labels:
-            labels[folder.name] = [str(n) for n in metadata_labels]
-        sources[folder.name] = str(folder.resolve())
+            labels[name] = [str(n) for n in metadata_labels]
+        sources[name] = str(folder.resolve())
     engine = Engine(adapted, tokenizer, task=task, adapter_root=root, model_spec=model_spec,
                     max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                     base_classifies=base_classifies, label_names=labels)
     engine.sources.update(sources)
-    log.info("serving %s (%s) with %d adapters: %s", model_spec, task, len(folders), ", ".join(f.name for f in folders))
+    log.info("serving %s (%s) with %d adapters: %s", model_spec, task, len(named), ", ".join(named))
     return engine
