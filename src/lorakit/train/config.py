@@ -65,7 +65,7 @@ class TrainConfig:
     quiet: bool = False
     # forgetting on general text
     general_data: str | None = None  # .txt (blank-line separated) or .jsonl passages; None: the shipped sample
-    general_samples: int = 64  # general-text passages measured before training and at each evaluation; 0: off
+    general_samples: int = 32  # general-text passages measured before training and at each evaluation; 0: off
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
