@@ -229,6 +229,12 @@ def test_checkpoint_keeps_the_before_measure_and_resume_reuses_it(tmp_path, monk
     trainer = Trainer(config)
     monkeypatch.setattr(tracker_module, "measure_general", no_measure)
     assert trainer.general.start(state) == {"embedding_cosine": 1.0}
+    # A checkpoint with no "before" of these passages: the model has moved, so the measurement turns off.
+    other = {"embeddings": state["general_before"]["embeddings"][:4]}
+    for stored in (None, other):
+        trainer.general.enabled = True
+        assert trainer.general.start({**state, "general_before": stored}) == {}
+        assert not trainer.general.enabled and trainer.general.summary(state) is None
 
 
 def test_general_samples_zero_turns_it_off(tmp_path):

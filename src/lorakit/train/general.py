@@ -12,6 +12,7 @@ and encoders record ``embedding_cosine``. The step-0 row of metrics.jsonl is the
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -24,6 +25,8 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.setup import Prepared
 
 BATCH_SIZE = 16  # passages per forward: the training batch size of the default run
+
+log = logging.getLogger("lorakit")
 
 
 class GeneralTracker:
@@ -47,14 +50,23 @@ class GeneralTracker:
         """Measure "before" unless a resumed state holds it; the fields of the step-0 metrics row."""
         if not self.enabled:
             return {}
-        if state.get("general_before") is None:
+        stored = state.get("general_before")
+        if state["step"] > 0 and (stored is None or _passages_in(stored) != len(self.passages)):
+            # A resumed run whose checkpoint holds no matching "before" (measured off, or other passages):
+            # the model has moved, so measuring "before" now would be wrong.
+            log.warning("general-text forgetting is off for this resumed run: its checkpoint holds no 'before' "
+                        "measure of these %d passages", len(self.passages))
+            self.enabled = False
+            return {}
+        if stored is None:
             started = time.perf_counter()
             adapted = self.prepared.adapted
             with adapted.base_only() if adapted is not None else contextlib.nullcontext():
                 before = self.measure(self.prepared.model)
             state["general_before"] = before.as_dict()
             state["general_seconds"] = time.perf_counter() - started
-        return _record(compare_general(*[GeneralMeasure.from_dict(state["general_before"])] * 2))
+        before = GeneralMeasure.from_dict(state["general_before"])
+        return _record(compare_general(before, before))  # the reference itself: forgetting 0, cosine 1
 
     def evaluate(self, model: nn.Module, state: dict[str, Any]) -> dict[str, float]:
         """Measure the model as it is now; the fields of this evaluation's metrics row."""
@@ -77,6 +89,11 @@ class GeneralTracker:
             return None
         return {**(state.get("general_best") or {}), "passages": len(self.passages), "source": self.source,
                 "max_length": self.max_length, "seconds": round(state.get("general_seconds", 0.0), 3)}
+
+
+def _passages_in(stored: dict[str, Any]) -> int:
+    counts = stored.get("token_counts")
+    return len(counts) if counts is not None else len(stored["embeddings"])
 
 
 def _record(figures: dict[str, float]) -> dict[str, float]:
