@@ -26,3 +26,7 @@ class AdapterFileError(LorakitError, ValueError):
 
 class FingerprintMismatchError(AdapterFileError):
     """An adapter trained on different base weights than the model it is loaded onto."""
+
+
+class GeneralTextError(LorakitError, ValueError):
+    """A general-text file (for forgetting measurements) that cannot be read as passages."""

@@ -63,6 +63,9 @@ class TrainConfig:
     out: str = "runs/train"
     resume: bool = False
     quiet: bool = False
+    # forgetting on general text
+    general_data: str | None = None  # .txt (blank-line separated) or .jsonl passages; None: the shipped sample
+    general_samples: int = 32  # general-text passages measured before training and at each evaluation; 0: off
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -75,6 +78,8 @@ class TrainConfig:
             raise ConfigError(f"--bf16 must be auto, on or off, got {self.bf16!r}")
         if self.threads < 0:
             raise ConfigError("--threads must be 0 (torch's default) or more")
+        if self.general_samples < 0:
+            raise ConfigError("--general-samples must be 0 (off) or more")
         for name in ("batch_size", "grad_accum", "epochs", "rank", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -25,6 +25,7 @@ from lorakit.train import batches as B
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import Distributed
+from lorakit.train.general import GeneralTracker
 from lorakit.train.outputs import RunOutputs
 from lorakit.train.setup import Prepared, prepare
 
@@ -87,6 +88,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "bad_evals": 0,
                                       "metric_before": None, "train_seconds": 0.0, "examples": 0}
         self.best_tensors: dict[str, torch.Tensor] | None = None
+        self.general = GeneralTracker(config, self.prepared, self.device, self.autocast)  # forgetting
 
     # -- parameters --------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -129,9 +131,10 @@ class Trainer:
         config = self.config
         resumed = self._maybe_resume()
         self.outputs.start(config, resumed_step=self.state["step"] if resumed else None)
+        reference = self.general.start(self.state)  # general text before training (kept in the state)
         if self.state["metric_before"] is None:
             self.state["metric_before"] = self.evaluate()
-            self.outputs.metric({"step": 0, self.metric_name: self.state["metric_before"]})
+            self.outputs.metric({"step": 0, self.metric_name: self.state["metric_before"], **reference})
         self._log_groups()
         bar = self.outputs.progress(self.total_steps, self.state["step"], quiet=config.quiet or not self.dist.is_main)
         started = time.perf_counter()
@@ -218,11 +221,13 @@ class Trainer:
     def _after_evaluation(self, value: float) -> bool:
         """Record an evaluation; True when early stopping says stop."""
         step = self.state["step"]
-        self.outputs.metric({"step": step, self.metric_name: value})
+        general = self.general.evaluate(self.model, self.state)  # forgetting on general text, now
+        self.outputs.metric({"step": step, self.metric_name: value, **general})
         better = self.state["best"] is None or (
             value > self.state["best"] if self.metric_name == "accuracy" else value < self.state["best"])
         if better:
             self.state.update(best=value, best_step=step, bad_evals=0)
+            self.general.keep_best(self.state)
             self.best_tensors = self.trained_state()
         else:
             self.state["bad_evals"] += 1
@@ -289,6 +294,7 @@ class Trainer:
             "examples_per_second": round(self.state["examples"] / max(self.state["train_seconds"], 1e-9), 2),
             "method": self.config.method,
             "bf16_autocast": not isinstance(self.autocast, contextlib.nullcontext),
+            "general": self.general.summary(self.state),
         }
         if self.dist.is_main:
             summary["adapter_bytes"] = self.outputs.save_model(self.prepared, self.config)

@@ -14,6 +14,19 @@ from lorakit.errors import ConfigError
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.train.config import TrainConfig
 
+GENERAL_CURVES = {"forgetting_nats": "forgetting on general text (nats)",
+                  "embedding_cosine": "general-text embedding cosine"}
+
+
+def general_text(summary: dict[str, Any]) -> str:
+    """The printed summary's forgetting figure, for the saved (best) model; empty when it was not measured."""
+    general = summary.get("general") or {}
+    if "forgetting_nats" in general:
+        return f" | general text {general['forgetting_nats']:+.4f} nats ({general['nats_after']:.3f} per token)"
+    if "embedding_cosine" in general:
+        return f" | general-text embedding cosine {general['embedding_cosine']:.4f}"
+    return ""
+
 
 class RunOutputs:
     def __init__(self, folder: Path, enabled: bool) -> None:
@@ -88,7 +101,8 @@ class RunOutputs:
         print(
             f"{metric_name}: {before:.4f} → {after:.4f} | trainable {summary['trainable_params']:,d} of "
             f"{summary['total_params']:,d} | adapter {summary['adapter_bytes'] / 1024:.1f} KiB | "
-            f"{summary['seconds']:.1f} s, {summary['examples_per_second']:.1f} examples/s | {self.folder}",
+            f"{summary['seconds']:.1f} s, {summary['examples_per_second']:.1f} examples/s{general_text(summary)} | "
+            f"{self.folder}",
             flush=True,
         )
 
@@ -101,10 +115,19 @@ class RunOutputs:
         records = [json.loads(line) for line in self._lines()]
         losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
         metrics = [(r["step"], r[metric_name]) for r in records if metric_name in r]
-        fig, left = plt.subplots(figsize=(7, 4))
+        general_key = next((k for k in GENERAL_CURVES if any(k in r for r in records)), None)
+        if general_key is None:
+            fig, left = plt.subplots(figsize=(7, 4))
+        else:  # a second panel: learning (above) against forgetting (below), on the same steps
+            fig, (left, below) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+            general = [(r["step"], r[general_key]) for r in records if general_key in r]
+            below.plot(*zip(*general, strict=True), color="tab:green", marker="o")
+            below.set_ylabel(GENERAL_CURVES[general_key], color="tab:green")
+            below.set_xlabel("step")
         if losses:
             left.plot(*zip(*losses, strict=True), color="tab:blue", lw=1, label="training loss")
-        left.set_xlabel("step")
+        if general_key is None:
+            left.set_xlabel("step")
         left.set_ylabel("training loss", color="tab:blue")
         if metrics:
             right = left.twinx()
