@@ -160,11 +160,24 @@ def test_a_zero_adapter_changes_nothing_and_merges_exactly(tmp_path):
                                                  for _ in range(10)])
     out = tmp_path / "report"
     assert main(["eval", "--adapter", str(tmp_path / "zero"), "--model", LLAMA, "--task", "causal-lm", "--data",
-                 str(data), "--general", "none", "--quiet", "--out", str(out)]) == 0
+                 str(data), "--general-samples", "6", "--quiet", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["task"]["difference"] == 0.0 and report["task"]["token_loss"]["difference"] == 0.0
     assert report["keep"]["mean_kl"] == 0.0 and report["keep"]["flips_right_to_wrong"] == 0
     assert report["parity"]["max_logit_diff"] == 0.0
+    assert report["general"]["forgetting_nats"] == 0.0 and report["general"]["passages"] == 6
+
+
+def test_general_text_forgetting_of_a_trained_encoder_adapter(classify_run, tmp_path):
+    """An encoder reports the drift of its pooled embeddings; a user's file replaces the shipped sample."""
+    general = tmp_path / "general.txt"
+    general.write_text("The river flows north.\n\nA second passage about cities.\n\nThird one, on music.\n")
+    out = tmp_path / "report"
+    assert main(["eval", "--adapter", str(classify_run), "--general", str(general), "--quiet", "--out",
+                 str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["general"]["passages"] == 3 and report["general"]["forgetting_nats"] is None
+    assert 0.0 < report["general"]["embedding_drift"] == pytest.approx(1 - report["general"]["embedding_cosine"])
 
 
 def test_combination_is_scored_on_each_constituents_task(tmp_path):
