@@ -223,3 +223,21 @@ def test_a_run_folder_works_wherever_an_adapter_folder_does(classify_run, tmp_pa
     (unfinished / "checkpoints").mkdir(parents=True)
     with pytest.raises(lorakit.AdapterFileError, match="--resume"):
         lorakit.read_adapter(unfinished)
+
+
+def test_greedy_answers_of_left_padded_batches_equal_one_prompt_at_a_time(tmp_path):
+    from lorakit.evaluation.passes import greedy_answers
+    from lorakit.evaluation.sources import Reading, load_eval_set
+    from lorakit.train.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(LLAMA)
+    config = lorakit.AdapterConfig(r=2, target_modules="all-linear")
+    model = lorakit.adapt(load_model(LLAMA, "causal-lm", seed=0), config)
+    rows = [{"prompt": "ab" * k, "completion": "xyz"[:k % 3 + 1]} for k in range(1, 6)]
+    data = load_eval_set(str(write_jsonl(tmp_path / "rows.jsonl", rows)), Reading("causal-lm", tokenizer, 64, None))
+    indices = list(range(len(data)))
+    cpu = torch.device("cpu")
+    together = greedy_answers(model, "default", data, indices, tokenizer, device=cpu, batch_size=5)
+    alone = [greedy_answers(model, "default", data, [i], tokenizer, device=cpu)[0] for i in indices]
+    assert together == alone
+    assert all(together)  # every prompt got an answer

@@ -155,19 +155,30 @@ def _join(parts: list[_Batch], units: torch.Tensor) -> Outcomes:
 
 def greedy_answers(
     model: AdaptedModel, name: str | None, data: EvalSet, indices: list[int], tokenizer, *, device: torch.device,
-    max_new_tokens: int = 64,
+    extra_tokens: int = 8, batch_size: int = 16,
 ) -> list[str]:
-    """The greedy continuation of each listed example's prompt, decoded (causal-lm only)."""
-    answers = []
+    """The greedy continuation of each listed example's prompt, decoded (causal-lm only).
+
+    Prompts are left-padded and generated together, at most the reference's length plus
+    ``extra_tokens`` new tokens: enough to show how an answer goes wrong, and bounded.
+    """
     eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    answers: list[str] = []
     with torch.inference_mode(), only(model, name):
-        for i in indices:
-            prompt = torch.tensor([data.prompts[i]], device=device)
-            limit = min(max_new_tokens, len(data.encoded[i].input_ids) - len(data.prompts[i]) + 16)
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=limit,
-                                 do_sample=False, pad_token_id=eos if eos is not None else 0)
-            new = out[0, prompt.shape[1]:].tolist()
-            if eos is not None and eos in new:
-                new = new[:new.index(eos)]
-            answers.append(tokenizer.decode(new, skip_special_tokens=True))
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            prompts = [data.prompts[i] for i in chunk]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            limits = [len(data.encoded[i].input_ids) - len(data.prompts[i]) + extra_tokens for i in chunk]
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits), do_sample=False,
+                                 pad_token_id=pad, eos_token_id=eos)
+            for row, limit in zip(out[:, width:].tolist(), limits, strict=True):
+                row = row[:limit]
+                if eos is not None and eos in row:
+                    row = row[:row.index(eos)]
+                answers.append(tokenizer.decode(row, skip_special_tokens=True))
     return answers

@@ -217,9 +217,11 @@ def _listed_answers(ctx: Context, name: str, data: EvalSet, paired: Paired) -> d
         return {}
     listed = R.listed_indices(paired)
     answers: dict[str, dict[int, str]] = {}
-    for who, adapter in (("base", None), ("adapted", name)):
-        texts = greedy_answers(ctx.model, adapter, data, listed, ctx.tokenizer, device=ctx.device)
-        answers[who] = dict(zip(listed, texts, strict=True))
+    for who, adapter, outcomes in (("base", None, paired.base), ("adapted", name, paired.adapted)):
+        # an exact match's greedy answer is the reference itself: only the wrong ones are generated
+        wrong = [i for i in listed if not outcomes.correct[i]]
+        texts = greedy_answers(ctx.model, adapter, data, wrong, ctx.tokenizer, device=ctx.device)
+        answers[who] = {i: data.references[i] for i in listed} | dict(zip(wrong, texts, strict=True))
     return answers
 
 
