@@ -135,6 +135,7 @@ def test_eval_of_a_run_folder_reproduces_the_runs_own_numbers(classify_run, tmp_
     html = (out / "report.html").read_text()
     assert ("data:image/png;base64," in html and "Right → wrong" in html) or keep["flips_right_to_wrong"] == 0
     assert "# Adapter evaluation" in (out / "report.md").read_text()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "accuracy" in capsys.readouterr().out
 
 

@@ -1,5 +1,6 @@
 """Writing an evaluation report: ``report.json`` for machines, ``report.md`` for reviews and pull
-requests, ``report.html`` (one self-contained file, plots inlined) for people, and the one-screen
+requests, ``report.html`` (one self-contained file, plots inlined) for people, ``report.png`` (the plots of the
+candidate that ships), and the one-screen
 summary printed at the end. Files are written atomically: a report is never half there.
 """
 
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorakit.io.atomic import write_text_atomically
+from lorakit.io.atomic import write_atomically, write_text_atomically
 
 ROWS_SHOWN = 25  # listed examples per table in the Markdown and HTML files (report.json has all)
 
@@ -23,6 +24,9 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
     write_text_atomically(out / "report.json", json.dumps(report, indent=2, default=_plain) + "\n")
     write_text_atomically(out / "report.md", markdown(report))
     write_text_atomically(out / "report.html", html_page(report))
+    image = _plots_png(report["shipped"], report["candidates"][report["shipped"]])
+    if image:  # the shipped candidate's plots as a file too, for pull requests and READMEs
+        write_atomically(out / "report.png", lambda tmp: Path(tmp).write_bytes(base64.b64decode(image)))
     return out
 
 
