@@ -242,3 +242,52 @@ def test_greedy_answers_of_left_padded_batches_equal_one_prompt_at_a_time(tmp_pa
     alone = [greedy_answers(model, "default", data, [i], tokenizer, device=cpu)[0] for i in indices]
     assert together == alone
     assert all(together)  # every prompt got an answer
+
+
+def test_parity_on_a_quantised_base_is_measured_against_the_dequantised_merge(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lorakit.quantize import quantize_model
+    from lorakit.train.models import load_model
+
+    base = quantize_model(load_model(LLAMA, "causal-lm", seed=0), "nf4")
+    adapted = lorakit.adapt(base, lorakit.AdapterConfig(r=4, target_modules=("q_proj", "v_proj")))
+    with torch.no_grad():
+        for module in adapted.adapter_modules("default").values():
+            module.lora_B.normal_(0, 0.5)
+    lorakit.save_adapter(adapted, tmp_path / "qlora", extra_metadata={"quantize": "nf4", "task": "causal-lm"})
+    data = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"q{i}", "completion": " a"} for i in range(6)])
+    out = tmp_path / "report"
+    assert main(["eval", "--adapter", str(tmp_path / "qlora"), "--model", LLAMA, "--data", str(data),
+                 "--general", "none", "--quiet", "--out", str(out)]) == 0
+    parity = json.loads((out / "report.json").read_text())["parity"]
+    assert parity["quantized_base"] is True and "dequantised" in parity["note"]
+    assert 0 < parity["max_logit_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_parity_leaves_the_model_exactly_as_it_was(quantize):
+    from lorakit.evaluation.parity import parity
+    from lorakit.train.models import load_model
+
+    base = load_model(LLAMA, "causal-lm", seed=0)
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+        from lorakit.quantize import quantize_model
+
+        base = quantize_model(base, quantize)
+    adapted = lorakit.adapt(base, lorakit.AdapterConfig(method="dora", r=4, target_modules=("q_proj", "v_proj")))
+    with torch.no_grad():
+        for module in adapted.adapter_modules("default").values():
+            module.lora_B.normal_(0, 0.5)
+    batch = {"input_ids": torch.randint(3, 200, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    with torch.no_grad():
+        before = adapted(**batch).logits
+        with adapted.base_only():
+            bare = adapted(**batch).logits
+    result = parity(adapted, "default", batch)
+    assert result["max_logit_diff"] < (1e-3 if quantize else 1e-5)
+    with torch.no_grad():
+        assert torch.equal(adapted(**batch).logits, before)
+        with adapted.base_only():
+            assert torch.equal(adapted(**batch).logits, bare)
+    assert all(not layer.merged for layer in adapted.adapted_layers().values())

@@ -1,10 +1,13 @@
 """Parity of what ships: a candidate merged into the base against the same candidate unmerged.
 
 A merged adapter is what most users serve, and merges are where silent differences hide (half
-precision rounding, a quantised base that cannot hold the update). Writable layers are merged
-in place and unmerged afterwards (exactly: lorakit's unmerge restores W bit for bit); a
-quantised layer cannot hold a merge, so for the measurement it is replaced by what
-``merge_and_unload`` would give, the dequantised weight plus the update, and put back after.
+precision rounding, a quantised base that cannot hold the update). The measurement must leave
+the model exactly as it found it, and an in-place merge followed by an unmerge does not in
+float32 (W + ΔW − ΔW rounds), nor can it hold a whole merged copy of a large model. So each
+adapted layer's base is replaced, for the duration, by a view that builds the merged weight at
+forward time, one layer at a time, exactly as a merge would write it: computed in float32 and
+rounded once to the base's dtype; on a quantised base, the dequantised weight plus the update in
+the dtype the base was quantised from (what ``merge_and_unload`` returns).
 """
 
 from __future__ import annotations
@@ -14,33 +17,47 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from lorakit.evaluation.passes import only
+from lorakit.layer import AdaptedLayer
 from lorakit.model import AdaptedModel
+
+
+class _MergedOnTheFly(nn.Module):
+    """Stands in for a base layer: runs it with adapter ``name`` merged into its weight."""
+
+    def __init__(self, layer: AdaptedLayer, name: str) -> None:
+        super().__init__()
+        self.original = layer.base_layer
+        self.kind = layer.kind
+        self.method = layer.adapters[name]
+
+    def forward(self, *args, **kwargs):
+        W0 = self.kind.weight_matrix(self.original).float()
+        W = self.method.merged_weight(W0, forward_base=W0)
+        if not self.kind.writable:
+            return self.kind.to_plain(self.original, W)(*args, **kwargs)
+        stored = torch.empty_like(self.original.weight)
+        self.kind.as_matrix(stored).copy_(W)  # rounded once to the base's dtype, as merge() writes it
+        return functional_call(self.original, {"weight": stored}, args, kwargs)
 
 
 @contextlib.contextmanager
 def merged(model: AdaptedModel, name: str) -> Iterator[list[str]]:
-    """Inside the block the model runs with ``name`` merged; yields the paths of quantised layers
-    that were replaced by their dequantised merge."""
+    """Inside the block the model runs as if ``name`` were merged; nothing is written. Yields the
+    paths of quantised layers (whose merged form is the dequantised weight plus the update)."""
     layers = model.layers_of(name)
-    swapped: dict[str, tuple[torch.nn.Module, tuple[str, ...]]] = {}
-    written: list[str] = []
+    saved = {path: (layer.base_layer, layer.active) for path, layer in layers.items()}
     try:
-        for path, layer in layers.items():
-            if layer.kind.writable:
-                layer.merge([name])
-                written.append(path)
-            else:
-                plain, _ = layer.dequantised_merge([name])
-                swapped[path] = (layer.base_layer, layer.active)
-                layer.base_layer = plain
-                layer.active = tuple(a for a in layer.active if a != name)
-        yield sorted(swapped)
+        for layer in layers.values():
+            view = _MergedOnTheFly(layer, name)
+            layer.active = tuple(a for a in layer.active if a != name)
+            layer.base_layer = view
+        yield sorted(path for path, layer in layers.items() if not layer.kind.writable)
     finally:
-        for path in written:
-            layers[path].unmerge([name])
-        for path, (original, active) in swapped.items():
+        for path, (original, active) in saved.items():
             layers[path].base_layer = original
             layers[path].active = active
 
@@ -52,10 +69,9 @@ def parity(model: AdaptedModel, name: str, batch: dict[str, torch.Tensor]) -> di
         unmerged = _logits(model, inputs)
         with merged(model, name) as dequantised:
             got = _logits(model, inputs)
-    mask = batch["attention_mask"].bool()
     difference = (unmerged - got).abs()
     if difference.dim() == 3:  # token logits: padding positions are not compared
-        difference = difference[mask]
+        difference = difference[batch["attention_mask"].bool()]
     result: dict[str, Any] = {"max_logit_diff": difference.max().item(), "examples": int(inputs["input_ids"].shape[0]),
                               "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     if dequantised:

@@ -60,8 +60,11 @@ class DoRA(LoRA):
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
         """||W + s·BA|| per output row in float32, detached (a constant in backward)."""
         W = self.kind.weight_matrix(base_layer)
-        key = (W.data_ptr(), W._version, self.lora_A._version, self.lora_B._version, self.scaling)
-        if key == self._norm_key and self._norm is not None and self._norm.device == W.device:
+        # A quantised base dequantises W afresh on every call; made under inference_mode, that copy
+        # has no version counter, and there is nothing to cache against anyway.
+        key = None if W.is_inference() else (W.data_ptr(), W._version, self.lora_A._version, self.lora_B._version,
+                                              self.scaling)
+        if key is not None and key == self._norm_key and self._norm is not None and self._norm.device == W.device:
             return self._norm
         A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
         WAt = (W @ A.t().to(W.dtype)).float()  # (out, r)
@@ -73,8 +76,8 @@ class DoRA(LoRA):
         return self._norm
 
     def _row_sq_norms(self, W: torch.Tensor) -> torch.Tensor:
-        key = (W.data_ptr(), W._version, W.device)
-        if key != self._w_sq_key or self._w_sq is None:
+        key = None if W.is_inference() else (W.data_ptr(), W._version, W.device)
+        if key is None or key != self._w_sq_key or self._w_sq is None:
             self._w_sq = W.float().pow(2).sum(1) if W.dtype != torch.float32 else W.pow(2).sum(1)
             self._w_sq_key = key
         return self._w_sq
