@@ -17,6 +17,7 @@ from lorakit.errors import ConfigError
 TASKS = ("classify", "causal-lm")
 TRAIN_METHODS = ("lora", "lora-fa", "vera", "dora", "delta-lora", "full", "head")
 QUANTIZE = ("none", "nf4", "int8")
+SCHEDULERS = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -48,7 +49,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
+    scheduler: str = "cosine"  # constant | linear | cosine: the lr after warmup (linear and cosine decay to 0)
+    warmup_ratio: float = 0.06  # share of the steps over which the lr rises linearly to --lr
     max_grad_norm: float = 1.0
     max_length: int = 128
     bf16: str = "auto"  # auto (on where the hardware runs it fast) | on | off
@@ -82,6 +84,10 @@ class TrainConfig:
             raise ConfigError("--max-steps must be at least 1")
         if self.quantize != "none" and self.method == "full":
             raise ConfigError("--method full trains every weight, which a quantised base cannot; drop --quantize")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("--warmup-ratio must be at least 0 and below 1")
         if not 0 < self.eval_split < 1:
             raise ConfigError("--eval-split must be between 0 and 1")
 

@@ -1,4 +1,4 @@
-"""The training loop: accumulation, clipping, warmup + cosine, evaluation, early stopping,
+"""The training loop: accumulation, clipping, warmup + lr schedule, evaluation, early stopping,
 best-checkpoint selection, exact resume, and DistributedDataParallel under torchrun.
 
 Batches are a pure function of (seed, step) and the loss of a step is normalised by the global
@@ -49,12 +49,17 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return loss, int((targets != B.IGNORE).sum())
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
+    """The lr multiplier of optimizer step ``step`` (0-based): linear warmup to 1 over ``warmup``
+    steps, then 1 (constant), or a linear or cosine decay that reaches 0 at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -75,7 +80,7 @@ class Trainer:
         self.total_steps = config.max_steps or config.epochs * per_epoch
         warmup = max(1, int(config.warmup_ratio * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup))
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, config.scheduler))
         self.eval_every = config.eval_every or per_epoch
         self.save_every = config.save_every or self.eval_every
         self.rule = None
@@ -263,6 +268,7 @@ class Trainer:
         if payload is None:
             self.outputs.say("--resume: no checkpoint found; starting from step 0")
             return False
+        _check_same_schedule(payload.get("config") or {}, self.config)
         self.load_trained_state(payload["trained"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -296,6 +302,16 @@ class Trainer:
         self.dist.barrier()
         self.dist.close()
         return summary
+
+
+def _check_same_schedule(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume under another lr schedule: the scheduler's state is only a step count, so
+    the lr would jump. Checkpoints from before --scheduler existed were cosine."""
+    for name, old_default in (("scheduler", "cosine"), ("warmup_ratio", 0.06)):
+        was = saved.get(name, old_default)
+        if was != getattr(config, name):
+            flag = "--" + name.replace("_", "-")
+            raise lorakit.ConfigError(f"the checkpoint was trained with {flag} {was}; pass {flag} {was} to resume it")
 
 
 def _autocast(setting: str, device: torch.device):
