@@ -94,3 +94,42 @@ def test_resuming_under_another_schedule_is_refused(tmp_path):
     first._checkpoint()
     with pytest.raises(lorakit.ConfigError, match="--scheduler linear"):
         Trainer(dataclasses.replace(config, resume=True, scheduler="constant")).run()
+
+
+def evaluations(out: str | Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["accuracy"] for r in records if "accuracy" in r}
+
+
+@pytest.mark.parametrize("select", ["last", "best"])
+def test_select_chooses_the_evaluation_whose_adapter_is_saved(tmp_path, select):
+    config = dataclasses.replace(config_for(tmp_path, select, "constant", steps=12), eval_every=2, select=select)
+    summary = Trainer(config).run()
+    scores = {k: v for k, v in evaluations(config.out).items() if k > 0}
+    if select == "last":
+        assert summary["best_step"] == 12 and summary["metric_after"] == scores[12]
+    else:  # the first of the highest evaluations
+        assert summary["metric_after"] == max(scores.values())
+        assert summary["best_step"] == min(k for k, v in scores.items() if v == max(scores.values()))
+
+
+def test_early_stopping_counts_from_the_best_evaluation_under_select_last(tmp_path):
+    config = dataclasses.replace(config_for(tmp_path, "run", "constant", steps=40), eval_every=1, early_stopping=2,
+                                 lr=1e-6)  # too small an lr to change the answers: no evaluation improves
+    summary = Trainer(config).run()
+    assert summary["steps"] == 3 and summary["best_step"] == 3  # stopped after 2 evaluations without a gain
+
+
+def test_max_length_is_capped_at_the_tokenizers_limit():
+    from lorakit.train.setup import max_length
+
+    class Limited:
+        model_max_length = 64
+
+    class Unlimited:
+        model_max_length = int(1e30)
+
+    assert max_length(TrainConfig(), Limited()) == 64
+    assert max_length(TrainConfig(max_length=32), Limited()) == 32
+    assert max_length(TrainConfig(), Unlimited()) == 512
+    assert max_length(TrainConfig(), object()) == 512

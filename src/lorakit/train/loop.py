@@ -89,7 +89,7 @@ class Trainer:
         self.forward_model = self.dist.wrap(self.model)
         self.autocast = _autocast(config.bf16, self.device)
         self.metric_name = "accuracy" if config.task == "classify" else "perplexity"
-        self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "bad_evals": 0,
+        self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "top": None, "bad_evals": 0,
                                       "metric_before": None, "train_seconds": 0.0, "examples": 0}
         self.best_tensors: dict[str, torch.Tensor] | None = None
 
@@ -156,8 +156,8 @@ class Trainer:
                 started = time.perf_counter()
                 self._checkpoint()
             if stop:
-                log.info("early stopping at step %d (best %s %.4f at step %d)", step, self.metric_name,
-                         self.state["best"], self.state["best_step"])
+                log.info("early stopping at step %d (best %s %.4f; kept: step %d)", step, self.metric_name,
+                         self.state["top"], self.state["best_step"])
                 break
         bar.close()
         self.state["train_seconds"] += time.perf_counter() - started
@@ -221,16 +221,25 @@ class Trainer:
 
     # -- helpers -----------------------------------------------------------------------------
     def _after_evaluation(self, value: float) -> bool:
-        """Record an evaluation; True when early stopping says stop."""
+        """Record an evaluation; True when early stopping says stop.
+
+        ``best`` / ``best_step`` / ``best_tensors`` are what the run keeps: under --select last the
+        latest evaluation (the live model, so no copy), under --select best the best so far.
+        ``top`` is the best value, which early stopping counts from in both."""
         step = self.state["step"]
         self.outputs.metric({"step": step, self.metric_name: value})
-        better = self.state["best"] is None or (
-            value > self.state["best"] if self.metric_name == "accuracy" else value < self.state["best"])
+        top = self.state.get("top", self.state["best"])  # checkpoints from before --select have no "top"
+        better = top is None or (value > top if self.metric_name == "accuracy" else value < top)
         if better:
-            self.state.update(best=value, best_step=step, bad_evals=0)
-            self.best_tensors = self.trained_state()
+            self.state.update(top=value, bad_evals=0)
         else:
             self.state["bad_evals"] += 1
+        if self.config.select == "last":
+            self.state.update(best=value, best_step=step)
+            self.best_tensors = None
+        elif better:
+            self.state.update(best=value, best_step=step)
+            self.best_tensors = self.trained_state()
         patience = self.config.early_stopping
         return patience is not None and self.state["bad_evals"] >= patience
 
