@@ -79,7 +79,7 @@ class GeneralTracker:
         return _record(figures)
 
     def keep_best(self, state: dict[str, Any]) -> None:
-        """The last evaluation is the best so far: its figures describe the adapter that will be saved."""
+        """The last evaluation's model is the one that will be saved (--select): its figures go in the summary."""
         if self.enabled:
             state["general_best"] = state["general_last"]
 

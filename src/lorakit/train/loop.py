@@ -1,4 +1,4 @@
-"""The training loop: accumulation, clipping, warmup + cosine, evaluation, early stopping,
+"""The training loop: accumulation, clipping, warmup + lr schedule, evaluation, early stopping,
 best-checkpoint selection, exact resume, and DistributedDataParallel under torchrun.
 
 Batches are a pure function of (seed, step) and the loss of a step is normalised by the global
@@ -50,12 +50,17 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return loss, int((targets != B.IGNORE).sum())
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
+    """The lr multiplier of optimizer step ``step`` (0-based): linear warmup to 1 over ``warmup``
+    steps, then 1 (constant), or a linear or cosine decay that reaches 0 at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -76,7 +81,7 @@ class Trainer:
         self.total_steps = config.max_steps or config.epochs * per_epoch
         warmup = max(1, int(config.warmup_ratio * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup))
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, config.scheduler))
         self.eval_every = config.eval_every or per_epoch
         self.save_every = config.save_every or self.eval_every
         self.rule = None
@@ -85,7 +90,7 @@ class Trainer:
         self.forward_model = self.dist.wrap(self.model)
         self.autocast = _autocast(config.bf16, self.device)
         self.metric_name = "accuracy" if config.task == "classify" else "perplexity"
-        self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "bad_evals": 0,
+        self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "top": None, "bad_evals": 0,
                                       "metric_before": None, "train_seconds": 0.0, "examples": 0}
         self.best_tensors: dict[str, torch.Tensor] | None = None
         self.general = GeneralTracker(config, self.prepared, self.device, self.autocast)  # forgetting
@@ -154,8 +159,8 @@ class Trainer:
                 started = time.perf_counter()
                 self._checkpoint()
             if stop:
-                log.info("early stopping at step %d (best %s %.4f at step %d)", step, self.metric_name,
-                         self.state["best"], self.state["best_step"])
+                log.info("early stopping at step %d (best %s %.4f; kept: step %d)", step, self.metric_name,
+                         self.state["top"], self.state["best_step"])
                 break
         bar.close()
         self.state["train_seconds"] += time.perf_counter() - started
@@ -219,18 +224,28 @@ class Trainer:
 
     # -- helpers -----------------------------------------------------------------------------
     def _after_evaluation(self, value: float) -> bool:
-        """Record an evaluation; True when early stopping says stop."""
+        """Record an evaluation; True when early stopping says stop.
+
+        ``best`` / ``best_step`` / ``best_tensors`` are what the run keeps: under --select last the
+        latest evaluation (the live model, so no copy), under --select best the best so far.
+        ``top`` is the best value, which early stopping counts from in both."""
         step = self.state["step"]
         general = self.general.evaluate(self.model, self.state)  # forgetting on general text, now
         self.outputs.metric({"step": step, self.metric_name: value, **general})
-        better = self.state["best"] is None or (
-            value > self.state["best"] if self.metric_name == "accuracy" else value < self.state["best"])
+        top = self.state.get("top", self.state["best"])  # checkpoints from before --select have no "top"
+        better = top is None or (value > top if self.metric_name == "accuracy" else value < top)
         if better:
-            self.state.update(best=value, best_step=step, bad_evals=0)
-            self.general.keep_best(self.state)
-            self.best_tensors = self.trained_state()
+            self.state.update(top=value, bad_evals=0)
         else:
             self.state["bad_evals"] += 1
+        if self.config.select == "last":
+            self.state.update(best=value, best_step=step)
+            self.general.keep_best(self.state)
+            self.best_tensors = None
+        elif better:
+            self.state.update(best=value, best_step=step)
+            self.general.keep_best(self.state)
+            self.best_tensors = self.trained_state()
         patience = self.config.early_stopping
         return patience is not None and self.state["bad_evals"] >= patience
 
@@ -268,6 +283,7 @@ class Trainer:
         if payload is None:
             self.outputs.say("--resume: no checkpoint found; starting from step 0")
             return False
+        _check_same_schedule(payload.get("config") or {}, self.config)
         self.load_trained_state(payload["trained"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -302,6 +318,16 @@ class Trainer:
         self.dist.barrier()
         self.dist.close()
         return summary
+
+
+def _check_same_schedule(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume under another lr schedule: the scheduler's state is only a step count, so
+    the lr would jump. Checkpoints from before --scheduler existed were cosine."""
+    for name, old_default in (("scheduler", "cosine"), ("warmup_ratio", 0.06)):
+        was = saved.get(name, old_default)
+        if was != getattr(config, name):
+            flag = "--" + name.replace("_", "-")
+            raise lorakit.ConfigError(f"the checkpoint was trained with {flag} {was}; pass {flag} {was} to resume it")
 
 
 def _autocast(setting: str, device: torch.device):

@@ -82,20 +82,30 @@ def _baseline_trainable(model: nn.Module, config: TrainConfig) -> None:
         p.requires_grad_(any(part in HEAD_NAMES for part in name.split(".")))
 
 
+def max_length(config: TrainConfig, tokenizer) -> int:
+    """--max-length, but no more than the tokenizer's own limit (the model's positions), so the
+    default of 512 cannot overrun a model with fewer. HF tokenizers without a limit report 1e30."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return min(config.max_length, limit)
+    return config.max_length
+
+
 def _data(config: TrainConfig, tokenizer) -> tuple[list[B.Encoded], list[B.Encoded], list[str] | None]:
+    length = max_length(config, tokenizer)
     if config.task == "classify":
         train_data, eval_data = _classification(config)
-        return (B.encode_classification(train_data, tokenizer, config.max_length),
-                B.encode_classification(eval_data, tokenizer, config.max_length), train_data.label_names)
+        return (B.encode_classification(train_data, tokenizer, length),
+                B.encode_classification(eval_data, tokenizer, length), train_data.label_names)
     if config.data == "default":
         raise DataError("the embedded default data is a classification set; give --data for --task causal-lm")
     train_rows = read_rows(config.data)
     eval_rows = read_rows(config.eval_data) if config.eval_data else None
     if eval_rows is None:
         train_rows, eval_rows = _split(train_rows, config)
-    train = B.encode_lm(lm_examples(train_rows, config.data, tokenizer), tokenizer, config.max_length, config.data)
+    train = B.encode_lm(lm_examples(train_rows, config.data, tokenizer), tokenizer, length, config.data)
     source = config.eval_data or config.data
-    evaluation = B.encode_lm(lm_examples(eval_rows, source, tokenizer), tokenizer, config.max_length, source)
+    evaluation = B.encode_lm(lm_examples(eval_rows, source, tokenizer), tokenizer, length, source)
     return train, evaluation, None
 
 
