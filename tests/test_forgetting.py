@@ -210,7 +210,7 @@ def test_checkpoint_keeps_the_before_measure_and_resume_reuses_it(tmp_path, monk
     from lorakit.train import checkpoint as ckpt
     from lorakit.train import general as tracker_module
     from lorakit.train.config import TrainConfig
-    from lorakit.train.loop import Trainer, _autocast
+    from lorakit.train.loop import Trainer, autocast_for
 
     data = write_classification(tmp_path / "train.csv"), write_classification(tmp_path / "eval.csv", 16, seed=1)
     out = tmp_path / "run"
@@ -218,7 +218,7 @@ def test_checkpoint_keeps_the_before_measure_and_resume_reuses_it(tmp_path, monk
     state = ckpt.load_latest(out / "checkpoints")["state"]
     base = load_model(BERT, "classify", num_labels=2, seed=0)
     again = measure_general(base, TOKENIZER, shipped_passages(5), max_length=32, batch_size=16,
-                            autocast=_autocast("auto", torch.device("cpu")))
+                            autocast=autocast_for("auto", torch.device("cpu")))
     assert torch.equal(state["general_before"]["embeddings"], again.embeddings)
 
     def no_measure(*args, **kwargs):

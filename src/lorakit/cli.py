@@ -156,7 +156,7 @@ def _eval_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="comma-separated combination weights (default: equal)")
     parser.add_argument("--density", type=float, default=0.5, help="ties/dare/magnitude_prune: share kept")
     parser.add_argument("--rank", type=int, default=None, help="rank of SVD-based combinations")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's, or 256)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's, or 512)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence intervals")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed, and a random base's seed")

@@ -53,7 +53,7 @@ class EvalOptions:
     weights: list[float] | None = None
     density: float = 0.5
     rank: int | None = None
-    max_length: int | None = None  # None: the run's, else 256
+    max_length: int | None = None  # None: the run's, else 512 (both capped at the tokenizer's limit)
     batch_size: int = 16
     bootstrap: int = 1000
     seed: int = 0
@@ -120,7 +120,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
 
 def _load(model_spec: str, task: str, sources: list[AdapterSource], options: EvalOptions) -> Context:
     from lorakit.merge_export import load_base_for
-    from lorakit.train.loop import _autocast
+    from lorakit.train.loop import autocast_for
     from lorakit.train.models import load_model, load_tokenizer, resolve_model_dir
 
     seed = sources[0].setting("seed") if sources[0].setting("seed") is not None else options.seed
@@ -149,14 +149,14 @@ def _load(model_spec: str, task: str, sources: list[AdapterSource], options: Eva
     for source in sources:
         model = lorakit.load_adapter(model, source.file, name=source.name, activate=False)
     assert isinstance(model, AdaptedModel)
-    return Context(model, tokenizer, task, device, pad_id, _autocast(options.bf16, device), options)
+    return Context(model, tokenizer, task, device, pad_id, autocast_for(options.bf16, device), options)
 
 
 def _reading(ctx: Context, sources: list[AdapterSource]) -> Reading:
     first = sources[0]
-    max_length = ctx.options.max_length or first.setting("max_length") or 256
+    max_length = B.token_limit(int(ctx.options.max_length or first.setting("max_length") or 512), ctx.tokenizer)
     return Reading(
-        task=ctx.task, tokenizer=ctx.tokenizer, max_length=int(max_length),
+        task=ctx.task, tokenizer=ctx.tokenizer, max_length=max_length,
         label_names=first.metadata.get("label_names"),
         text_column=ctx.options.text_column or first.setting("text_column"),
         label_column=ctx.options.label_column or first.setting("label_column"),

@@ -8,7 +8,6 @@ always wins over what the run says.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from lorakit.errors import ConfigError
 from lorakit.io.adapter_files import CONFIG_NAME, AdapterFile, adapter_folder, read_adapter
 from lorakit.train import batches as B
-from lorakit.train.data import DataError, classification_data, lm_examples, read_rows
+from lorakit.train.data import DataError, classification_data, held_out_split, lm_examples, read_rows
 
 DEFAULT_DATA = "default"  # the shipped drug reviews' test split
 
@@ -162,20 +161,9 @@ def _rows(spec: str, reading: Reading) -> tuple[list[dict[str, Any]], str]:
     if spec.endswith("#heldout"):
         path = spec[: -len("#heldout")]
         rows = read_rows(path)
-        return heldout_split(rows, reading.seed, reading.eval_split, path), f"{path} (the run's held-out split)"
+        _, held = held_out_split(rows, reading.seed, reading.eval_split, path)
+        return held, f"{path} (the run's held-out split)"
     return read_rows(spec), spec
-
-
-def heldout_split(rows: list[dict[str, Any]], seed: int, share: float, source: str) -> list[dict[str, Any]]:
-    """The rows ``lorakit train`` held out for evaluation when it was given no --eval-data."""
-    import torch
-
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, math.floor(len(rows) * share))
-    if len(rows) - n_eval < 1:
-        raise DataError(f"{source}: too few examples to hold out an evaluation split")
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i in held]
 
 
 def _classify_set(spec: str, reading: Reading) -> EvalSet:

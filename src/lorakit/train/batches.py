@@ -30,6 +30,15 @@ def encode_text(tokenizer, text: str, max_length: int, special: bool = True) -> 
     return tokenizer.encode(text)[:max_length]
 
 
+def token_limit(requested: int, tokenizer) -> int:
+    """``requested`` tokens, but no more than the tokenizer's own limit (the model's positions).
+    HF tokenizers without a limit report 1e30."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return min(requested, limit)
+    return requested
+
+
 def _is_hf(tokenizer) -> bool:
     return type(tokenizer).__module__.startswith("transformers")
 

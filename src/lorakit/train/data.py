@@ -90,6 +90,22 @@ def pick_column(rows: list[dict[str, Any]], wanted: str | None, candidates: Sequ
     )
 
 
+def held_out_split(rows: list[dict[str, Any]], seed: int, share: float, source: str
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, held out): a fixed-seed share of a file kept for evaluation. `lorakit train` holds
+    it out when given no --eval-data, and `lorakit eval` draws the same rows again from the seed."""
+    import math
+
+    import torch
+
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, math.floor(len(rows) * share))
+    if len(rows) - n_eval < 1:
+        raise DataError(f"{source}: too few examples ({len(rows)}) to hold out an evaluation split")
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 # ---------------------------------------------------------------------------------------------
 # classification
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class Trainer:
         if config.method == "delta-lora":
             self.rule = lorakit.DeltaLoRA(self.prepared.adapted, c=config.delta_c, start_step=config.delta_start)
         self.forward_model = self.dist.wrap(self.model)
-        self.autocast = _autocast(config.bf16, self.device)
+        self.autocast = autocast_for(config.bf16, self.device)
         self.metric_name = "accuracy" if config.task == "classify" else "perplexity"
         self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "top": None, "bad_evals": 0,
                                       "metric_before": None, "train_seconds": 0.0, "examples": 0}
@@ -330,7 +330,7 @@ def _check_same_schedule(saved: dict[str, Any], config: TrainConfig) -> None:
             raise lorakit.ConfigError(f"the checkpoint was trained with {flag} {was}; pass {flag} {was} to resume it")
 
 
-def _autocast(setting: str, device: torch.device):
+def autocast_for(setting: str, device: torch.device):
     """bf16 autocast when asked, or under "auto" where bf16 matrix products are fast."""
     use = setting == "on" or (setting == "auto" and bf16_is_fast(device))
     if not use:

@@ -5,7 +5,6 @@ All validation happens here, before anything is written to the output folder.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from torch import nn
 import lorakit
 from lorakit.train import batches as B
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import ClassifyData, DataError, classification_data, lm_examples, read_rows
+from lorakit.train.data import ClassifyData, DataError, classification_data, held_out_split, lm_examples, read_rows
 from lorakit.train.models import load_model, load_tokenizer
 
 HEAD_NAMES = ("classifier", "score")
@@ -85,10 +84,7 @@ def _baseline_trainable(model: nn.Module, config: TrainConfig) -> None:
 def max_length(config: TrainConfig, tokenizer) -> int:
     """--max-length, but no more than the tokenizer's own limit (the model's positions), so the
     default of 512 cannot overrun a model with fewer. HF tokenizers without a limit report 1e30."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 1_000_000:
-        return min(config.max_length, limit)
-    return config.max_length
+    return B.token_limit(config.max_length, tokenizer)
 
 
 def _data(config: TrainConfig, tokenizer) -> tuple[list[B.Encoded], list[B.Encoded], list[str] | None]:
@@ -131,12 +127,7 @@ def _classification(config: TrainConfig) -> tuple[ClassifyData, ClassifyData]:
 
 def _split(rows: list[dict], config: TrainConfig) -> tuple[list[dict], list[dict]]:
     """A fixed-seed held-out share of the training file."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    n_eval = max(1, math.floor(len(rows) * config.eval_split))
-    if len(rows) - n_eval < 1:
-        raise DataError(f"{config.data}: too few examples ({len(rows)}) to hold out an evaluation split")
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return held_out_split(rows, config.seed, config.eval_split, config.data)
 
 
 def _gradient_loss(config: TrainConfig, train: list[B.Encoded], pad_id: int) -> Callable[[nn.Module], torch.Tensor]:
