@@ -83,14 +83,19 @@ def _logits_on_quantized_base(
         return _logits(adapted, probe)
 
 
+def head_labels(adapter: lorakit.io.adapter_files.AdapterFile) -> int | None:
+    """The label count of the classification head the adapter saved (modules_to_save), or None."""
+    head = next((k for k in adapter.tensors if k.rsplit(".", 2)[-2] in HEADS and k.endswith(".weight")), None)
+    return None if head is None else adapter.tensors[head].shape[0]
+
+
 def load_base_for(folder: Path, adapter: lorakit.io.adapter_files.AdapterFile) -> nn.Module:
     """The base model class the adapter was trained with: with its classification head when it saved one."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    head = next((k for k in adapter.tensors if k.rsplit(".", 2)[-2] in HEADS and k.endswith(".weight")), None)
-    if head is not None:
+    num_labels = head_labels(adapter)
+    if num_labels is not None:
         labels = (adapter.lorakit or {}).get("label_names")
-        num_labels = adapter.tensors[head].shape[0]
         kwargs = {}
         if labels:
             kwargs = {"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in enumerate(labels)}}

@@ -119,7 +119,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
 
 
 def _load(model_spec: str, task: str, sources: list[AdapterSource], options: EvalOptions) -> Context:
-    from lorakit.merge_export import load_base_for
+    from lorakit.merge_export import head_labels, load_base_for
     from lorakit.train.loop import autocast_for
     from lorakit.train.models import load_model, load_tokenizer, resolve_model_dir
 
@@ -127,11 +127,7 @@ def _load(model_spec: str, task: str, sources: list[AdapterSource], options: Eva
     folder = resolve_model_dir(model_spec)
     torch.manual_seed(int(seed))  # the base's fresh head (classify) is drawn as in training
     if folder is None:
-        labels = sources[0].metadata.get("label_names")
-        heads = [t for k, t in sources[0].file.tensors.items() if k.rsplit(".", 2)[-2:-1] in (["classifier"], ["score"])
-                 and k.endswith(".weight")]
-        num_labels = len(labels) if labels else (heads[0].shape[0] if heads else None)
-        base = load_model(model_spec, task, num_labels=num_labels, seed=int(seed))
+        base = load_model(model_spec, task, num_labels=head_labels(sources[0].file), seed=int(seed))
     else:
         base = load_base_for(folder, sources[0].file)
     quantize = sources[0].metadata.get("quantize", "none")

@@ -93,9 +93,9 @@ def decide_task(given: str | None, sources: list[AdapterSource]) -> str:
         task = source.setting("task") or source.metadata.get("task")
         if task:
             return str(task)
-    heads = any(k.rsplit(".", 2)[-2] in ("classifier", "score") for s in sources for k in s.file.tensors
-                if k.count(".") >= 2)
-    return "classify" if heads else "causal-lm"
+    from lorakit.merge_export import head_labels
+
+    return "classify" if any(head_labels(s.file) for s in sources) else "causal-lm"
 
 
 def task_files(given: list[str], sources: list[AdapterSource]) -> list[str]:
