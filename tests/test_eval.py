@@ -291,3 +291,17 @@ def test_parity_leaves_the_model_exactly_as_it_was(quantize):
         with adapted.base_only():
             assert torch.equal(adapted(**batch).logits, bare)
     assert all(not layer.merged for layer in adapted.adapted_layers().values())
+
+
+def test_several_keep_files_add_up_and_each_is_kept(classify_run, tmp_path):
+    first = write_classification(tmp_path / "keep1.csv", 12, seed=5)
+    second = write_classification(tmp_path / "keep2.csv", 10, seed=6)
+    out = tmp_path / "report"
+    assert main(["eval", "--adapter", str(classify_run), "--keep", str(first), "--keep", str(second),
+                 "--general", "none", "--quiet", "--out", str(out)]) == 0
+    keep = json.loads((out / "report.json").read_text())["keep"]
+    assert [f["examples"] for f in keep["files"]] == [12, 10] and keep["examples"] == 22
+    for key in ("base_correct", "adapted_correct", "flips_right_to_wrong", "flips_wrong_to_right"):
+        assert keep[key] == sum(f[key] for f in keep["files"])
+    assert keep["mean_kl"] == pytest.approx(sum(f["mean_kl"] * f["examples"] for f in keep["files"]) / 22)
+    assert len(keep["right_to_wrong"]) == keep["flips_right_to_wrong"]
