@@ -305,3 +305,22 @@ def test_several_keep_files_add_up_and_each_is_kept(classify_run, tmp_path):
         assert keep[key] == sum(f[key] for f in keep["files"])
     assert keep["mean_kl"] == pytest.approx(sum(f["mean_kl"] * f["examples"] for f in keep["files"]) / 22)
     assert len(keep["right_to_wrong"]) == keep["flips_right_to_wrong"]
+
+
+def test_warnings_name_a_constant_prediction_a_noise_level_change_and_a_rewritten_encoder():
+    from lorakit.evaluation.diagnose import warnings_for
+
+    # the adapter says "pos" for every example; 3 of 4 references are "pos"
+    base = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    adapted = torch.tensor([[0.0, 3.0]] * 4)
+    paired = _paired_from_logits(base, adapted, torch.tensor([1, 1, 1, 0]), "classify")
+    data = EvalSet("hand", "classify", [B.Encoded([1], 1)] * 4, ["t"] * 4, ["pos", "pos", "pos", "neg"],
+                   ["neg", "pos"])
+    section = {"task": R.task_section(data, paired, 200), "keep": R.keep_section(data, paired, {}),
+               "general": {"embedding_cosine": 0.1}, "parity": {"max_logit_diff": 0.0}}
+    found = warnings_for("x", data, paired, section)
+    assert any("predicts 'pos' for 4 of 4" in w and "75.0%" in w for w in found)
+    assert any("rewrote the encoder" in w for w in found)
+    assert any("1 of the 2 keep examples" in w for w in found)
+    section["general"], section["keep"]["flips_right_to_wrong"] = {"embedding_cosine": 0.99}, 0
+    assert not any("encoder" in w or "keep examples" in w for w in warnings_for("x", data, paired, section))

@@ -64,6 +64,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"lorakit eval: {report['model']} ({report['task_kind']}); ships: {report['shipped']}"]
     for name, c in report["candidates"].items():
         lines.append(f"[{name}]")
+        lines += [f"  warning: {w}" for w in c.get("warnings", [])]
         for constituent, task in c["tasks"].items():
             label = "task" if constituent == name else f"task of {constituent}"
             alone = task.get("constituent_alone")

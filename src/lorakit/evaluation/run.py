@@ -19,6 +19,7 @@ import torch
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.evaluation import regression as R
+from lorakit.evaluation.diagnose import warnings_for
 from lorakit.evaluation.parity import parity
 from lorakit.evaluation.passes import Paired, greedy_answers, only, paired_pass
 from lorakit.evaluation.sources import (
@@ -129,7 +130,16 @@ def _load(model_spec: str, task: str, sources: list[AdapterSource], options: Eva
     if folder is None:
         base = load_model(model_spec, task, num_labels=head_labels(sources[0].file), seed=int(seed))
     else:
-        base = load_base_for(folder, sources[0].file)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "classifier newly initialized": the adapter brings the trained head
+        hf_logging.disable_progress_bar()
+        try:
+            base = load_base_for(folder, sources[0].file)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
     quantize = sources[0].metadata.get("quantize", "none")
     if quantize not in (None, "none"):
         from lorakit.quantize import quantize_model
@@ -204,7 +214,7 @@ def _candidate(ctx: Context, name: str, constituents: list[str], own_task: dict[
         "general": _general(ctx, name, general), "parity": parity(ctx.model, name, batch),
         "plots": _plot_points(paired_by_set[keep_specs[0]]),
     }
-    return section
+    return {"warnings": warnings_for(name, first, paired_by_set[own_spec], section), **section}
 
 
 def _listed_answers(ctx: Context, name: str, data: EvalSet, paired: Paired) -> dict[str, dict[int, str]]:
