@@ -216,3 +216,17 @@ def test_yaml_config_and_flag_override(tmp_path, data):
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 3
     assert lorakit.read_adapter(out / "adapter").config.r == 3
+
+
+def test_a_run_that_collapses_to_one_label_says_so(tmp_path, data, capsys):
+    """A far too high lr: every evaluation example gets the same label, and the encoder is rewritten."""
+    out = tmp_path / "hot"
+    assert run(*small(out, *data, "--method", "full", "--lr", "3.0", "--bf16", "off")) == 0
+    warnings = json.loads((out / "summary.json").read_text())["warnings"]
+    assert any("predicts 'bad' for 16 of 16" in w for w in warnings), warnings
+    assert any("rewrote the encoder" in w for w in warnings)
+    assert "warning: the saved model predicts" in capsys.readouterr().out
+    calm = tmp_path / "calm"
+    learns = ("--bf16", "off", "--lr", "1e-2", "--max-steps", "48", "--targets", "all-linear")
+    assert run(*small(calm, *data, *learns)) == 0
+    assert not any("predicts" in w for w in json.loads((calm / "summary.json").read_text())["warnings"])

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit
+from lorakit import symptoms
 from lorakit.train import batches as B
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
@@ -93,6 +94,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "top": None, "bad_evals": 0,
                                       "metric_before": None, "train_seconds": 0.0, "examples": 0}
         self.best_tensors: dict[str, torch.Tensor] | None = None
+        self.label_counts: list[int] | None = None  # predictions per label at the latest evaluation (classify)
         self.general = GeneralTracker(config, self.prepared, self.device, self.autocast)  # forgetting
 
     # -- parameters --------------------------------------------------------------------------
@@ -206,6 +208,7 @@ class Trainer:
         self.model.eval()
         data, size = self.prepared.eval, self.config.batch_size
         correct = loss_sum = units = 0.0
+        predicted: list[int] = []
         for start in range(0, len(data), size):
             batch = {k: v.to(self.device) for k, v in B.collate(data[start:start + size],
                                                                self.prepared.pad_id).items()}
@@ -214,11 +217,14 @@ class Trainer:
                     out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
                     units += batch["labels"].numel()
+                    predicted += out.logits.argmax(-1).tolist()
                 else:
                     s, n = batch_loss(self.model, batch)
                     loss_sum += s.item()
                     units += n
         if self.metric_name == "accuracy":
+            labels = len(self.prepared.label_names or []) or max(predicted) + 1
+            self.label_counts = torch.tensor(predicted).bincount(minlength=labels).tolist()  # what symptoms read
             return correct / units
         return math.exp(min(loss_sum / units, 50.0))
 
@@ -238,14 +244,10 @@ class Trainer:
             self.state.update(top=value, bad_evals=0)
         else:
             self.state["bad_evals"] += 1
-        if self.config.select == "last":
-            self.state.update(best=value, best_step=step)
+        if self.config.select == "last" or better:
+            self.state.update(best=value, best_step=step, best_label_counts=self.label_counts)
             self.general.keep_best(self.state)
-            self.best_tensors = None
-        elif better:
-            self.state.update(best=value, best_step=step)
-            self.general.keep_best(self.state)
-            self.best_tensors = self.trained_state()
+            self.best_tensors = None if self.config.select == "last" else self.trained_state()
         patience = self.config.early_stopping
         return patience is not None and self.state["bad_evals"] >= patience
 
@@ -295,6 +297,17 @@ class Trainer:
         self.outputs.say(f"resumed from step {self.state['step']}")
         return True
 
+    def _symptoms(self, summary: dict[str, Any]) -> list[str]:
+        """What the saved model's figures say went wrong (printed with the summary)."""
+        found = []
+        counts = self.state.get("best_label_counts")
+        if counts:
+            truth = torch.tensor([e.labels for e in self.prepared.eval]).bincount(minlength=len(counts)).tolist()
+            found.append(symptoms.one_label("the saved model", counts, self.prepared.label_names, truth,
+                                            summary["metric_after"]))
+        found += symptoms.general_text("the saved model", summary["general"])
+        return [w for w in found if w]
+
     def _finish(self) -> dict[str, Any]:
         if self.best_tensors is not None:
             self.load_trained_state(self.best_tensors)
@@ -312,6 +325,7 @@ class Trainer:
             "bf16_autocast": not isinstance(self.autocast, contextlib.nullcontext),
             "general": self.general.summary(self.state),
         }
+        summary["warnings"] = self._symptoms(summary)
         if self.dist.is_main:
             summary["adapter_bytes"] = self.outputs.save_model(self.prepared, self.config)
             self.outputs.finish(summary, self.metric_name)

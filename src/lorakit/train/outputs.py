@@ -105,6 +105,8 @@ class RunOutputs:
             f"{self.folder}",
             flush=True,
         )
+        for warning in summary.get("warnings", []):
+            print(f"warning: {warning}", flush=True)
 
     def plot(self, metric_name: str) -> None:
         import matplotlib
