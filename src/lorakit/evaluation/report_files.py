@@ -112,12 +112,13 @@ def markdown(report: dict[str, Any]) -> str:
             rows = k[key]
             if not rows:
                 continue
-            out += [f"### {title} ({len(rows)})", "", "| # | text | reference | base (p) | adapted (p) | KL |",
-                    "|---|---|---|---|---|---|"]
+            out += [f"### {title} ({len(rows)})", "",
+                    "| # | text | reference | base answer | base p(ref) | adapted answer | adapted p(ref) | KL |",
+                    "|---|---|---|---|---|---|---|---|"]
             for r in rows[:ROWS_SHOWN]:
                 out.append(f"| {r['index']} | {_cell(r['text'])} | {_cell(r['reference'])} | "
-                           f"{_cell(r['base_answer'])} ({r['base_prob']:.3f}) | {_cell(r['adapted_answer'])} "
-                           f"({r['adapted_prob']:.3f}) | {r['kl']:.3g} |")
+                           f"{_cell(r['base_answer'])} | {r['base_prob']:.3f} | {_cell(r['adapted_answer'])} | "
+                           f"{r['adapted_prob']:.3f} | {r['kl']:.3g} |")
             if len(rows) > ROWS_SHOWN:
                 out.append(f"\n({len(rows) - ROWS_SHOWN} more in report.json)")
             out.append("")
@@ -155,7 +156,8 @@ def html_page(report: dict[str, Any]) -> str:
             if not rows:
                 continue
             parts.append(f"<h3>{title} ({len(rows)})</h3><table><tr><th>#</th><th>text</th><th>reference</th>"
-                         "<th>base answer</th><th>p</th><th>adapted answer</th><th>p</th><th>KL</th></tr>")
+                         "<th>base answer</th><th>base p(ref)</th><th>adapted answer</th><th>adapted p(ref)</th>"
+                         "<th>KL</th></tr>")
             for r in rows[:ROWS_SHOWN]:
                 cells = [str(r["index"]), r["text"], r["reference"], r["base_answer"], f"{r['base_prob']:.3f}",
                          r["adapted_answer"], f"{r['adapted_prob']:.3f}", f"{r['kl']:.3g}"]
