@@ -250,9 +250,11 @@ def main() -> None:
     bf16 = bf16_is_fast(torch.device("cpu"))
     variants, runners = parse_variants(args.variants), args.runners.split(",")
     print(header("Default recipe against a plain PEFT loop"))
-    print(f"- flags: {ISSUE}; bf16 autocast {'on' if bf16 else 'off'} on every side", flush=True)
+    print(f"- flags: {ISSUE}; bf16 autocast {'on' if bf16 else 'off'}, alike on every side", flush=True)
     columns = [c for r in runners for c in ([f"lorakit {name}" for name in variants] if r == "lorakit" else [r])]
-    shown = [c for column in columns for c in ((column, column + LAST) if column.startswith("lorakit ") else (column,))]
+    # Scoring the last step separately only tells something where the saved adapter may be another one.
+    selects_best = {f"lorakit {n}" for n, o in variants.items() if o.get("select", TrainConfig.select) == "best"}
+    shown = [c for column in columns for c in ((column, column + LAST) if column in selects_best else (column,))]
     results: dict[tuple[str, int], dict[str, float]] = {}
     for task_name in args.tasks.split(","):
         task = TASKS[task_name]()

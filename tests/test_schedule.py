@@ -133,3 +133,13 @@ def test_max_length_is_capped_at_the_tokenizers_limit():
     assert max_length(TrainConfig(max_length=32), Limited()) == 32
     assert max_length(TrainConfig(), Unlimited()) == 512
     assert max_length(TrainConfig(), object()) == 512
+
+
+def test_train_help_lists_the_new_flags(capsys):
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "--scheduler" in text and "--select" in text and "(default: constant)" in text

@@ -33,7 +33,7 @@ class TrainConfig:
     method: str = "lora"  # lora | lora-fa | vera | dora | delta-lora | full (baseline) | head (baseline)
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0  # on the adapter's input; PEFT's default (0.05 cost accuracy in BENCHMARKS.md)
+    dropout: float = 0.0  # on the adapter's input; PEFT's default (0.05 cost accuracy: BENCHMARKS.md §9)
     targets: str = "query,value,q_proj,v_proj,c_attn"  # comma list, a regex, or all-linear
     rslora: bool = False
     init: str = "default"  # default | gaussian | pissa | gradient-svd
@@ -52,13 +52,13 @@ class TrainConfig:
     scheduler: str = "constant"  # constant | linear | cosine: the lr after warmup (linear, cosine: decay to 0)
     warmup_ratio: float = 0.06  # share of the steps over which the lr rises linearly to --lr
     max_grad_norm: float = 1.0
-    max_length: int = 512  # tokens kept per example (at most the tokenizer's limit); 128 cut 40% of drug reviews
+    max_length: int = 512  # tokens kept per example (at most the tokenizer's limit); 128 cut 4 in 10 drug reviews
     bf16: str = "auto"  # auto (on where the hardware runs it fast) | on | off
     gradient_checkpointing: bool = False
     eval_every: int | None = None  # steps; None: once per epoch
     eval_split: float = 0.1  # share of --data held out when there is no eval set
-    select: str = "last"  # last | best: the evaluation whose adapter is saved (best: highest accuracy / lowest ppl)
-    early_stopping: int | None = None  # stop after this many evaluations without improvement
+    select: str = "last"  # last | best (highest accuracy / lowest perplexity): the evaluation whose adapter is saved
+    early_stopping: int | None = None  # stop after this many evaluations without improvement (see --select)
     save_every: int | None = None  # checkpoint interval in steps; None: at every evaluation
     keep_last: int = 2  # checkpoints kept
     seed: int = 0

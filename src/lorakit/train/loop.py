@@ -240,10 +240,8 @@ class Trainer:
         self.outputs.metric({"step": step, self.metric_name: value, **general})
         top = self.state.get("top", self.state["best"])  # checkpoints from before --select have no "top"
         better = top is None or (value > top if self.metric_name == "accuracy" else value < top)
-        if better:
-            self.state.update(top=value, bad_evals=0)
-        else:
-            self.state["bad_evals"] += 1
+        self.state["top"] = value if better else top
+        self.state["bad_evals"] = 0 if better else self.state["bad_evals"] + 1
         if self.config.select == "last" or better:
             self.state.update(best=value, best_step=step, best_label_counts=self.label_counts)
             self.general.keep_best(self.state)
