@@ -29,7 +29,7 @@ def warnings_for(name: str, data: EvalSet, paired: Paired, section: dict[str, An
                      "examples")
     found += general_text(name, section.get("general"))
     keep = section["keep"]
-    if keep["flips_right_to_wrong"] and keep.get("base_correct"):
+    if keep["flips_right_to_wrong"] and keep.get("base_correct") and not keep.get("base_head_untrained"):
         share = keep["flips_right_to_wrong"] / keep["base_correct"]
         if share > 0.05:
             found.append(f"{name} gets {keep['flips_right_to_wrong']} of the {keep['base_correct']} keep examples the "

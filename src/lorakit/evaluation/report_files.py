@@ -77,6 +77,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  keep ({k['source']}): {k['flips_right_to_wrong']} right→wrong, {k['flips_wrong_to_right']} "
                      f"wrong→right of {k['examples']} (base right on {k['base_correct']}); mean KL(base‖adapted) "
                      f"{_num(k['mean_kl'])} per {k['kl_unit']}")
+        if k.get("base_head_untrained"):
+            lines.append(f"    note: {k['note']}")
         g = c.get("general")
         if g:
             if g.get("forgetting_nats") is not None:

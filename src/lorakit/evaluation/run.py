@@ -75,6 +75,7 @@ class Context:
     autocast: Any
     options: EvalOptions
     passes: int = 0  # forward passes over examples, for the cost line
+    untrained_head: bool = False  # the base has no trained classification head: the adapter brings it
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
@@ -155,7 +156,11 @@ def _load(model_spec: str, task: str, sources: list[AdapterSource], options: Eva
     for source in sources:
         model = lorakit.load_adapter(model, source.file, name=source.name, activate=False)
     assert isinstance(model, AdaptedModel)
-    return Context(model, tokenizer, task, device, pad_id, autocast_for(options.bf16, device), options)
+    architectures = getattr(model.model.config, "architectures", None) or []
+    untrained = task == "classify" and head_labels(sources[0].file) is not None and not any(
+        a.endswith("ForSequenceClassification") for a in architectures)
+    return Context(model, tokenizer, task, device, pad_id, autocast_for(options.bf16, device), options,
+                   untrained_head=untrained)
 
 
 def _reading(ctx: Context, sources: list[AdapterSource]) -> Reading:
@@ -207,6 +212,11 @@ def _candidate(ctx: Context, name: str, constituents: list[str], own_task: dict[
     keep = R.merge_keep_sections(sections)
     if not options.keep:
         keep["note"] = "no --keep given: the task file itself, so the flips are the examples the base got right"
+    if ctx.untrained_head:
+        keep["note"] = ("the base model has no trained classification head (the adapter brings one), so its "
+                        "answers are chance and flips against them say little; general-text drift is the "
+                        "forgetting figure for this adapter")
+        keep["base_head_untrained"] = True
     first = sets[own_spec]
     batch = {k: v.to(ctx.device) for k, v in B.collate(first.encoded[:8], ctx.pad_id).items()}
     section: dict[str, Any] = {
