@@ -121,6 +121,18 @@ def test_fingerprint_accepts_the_same_base_in_bfloat16(base, saved):
     lorakit.load_adapter(copy.deepcopy(base).to(torch.bfloat16), saved)
 
 
+def test_fingerprint_of_a_weight_past_float32_positions_samples_inside_it():
+    """4096 × 11008 (a Llama-2-7B MLP weight): the last float32 sample position rounds past the end."""
+    from lorakit.fingerprint import weight_fingerprint
+
+    weight = torch.arange(4096 * 11008, dtype=torch.int32).view(4096, 11008)
+    sample = weight_fingerprint(weight)["sample"]
+    assert len(sample) == 32 and sample[0] == 0 and sample[-1] == float(f"{4096 * 11008 - 1:.6g}")
+    small = torch.arange(64 * 128, dtype=torch.float32).view(64, 128)  # positions unchanged where they fit
+    expected = torch.linspace(0, 64 * 128 - 1, 32).round().tolist()
+    assert weight_fingerprint(small)["sample"] == [float(f"{v:.6g}") for v in expected]
+
+
 def test_vocabulary_change_says_what_to_resize(base, saved):
     bigger = copy.deepcopy(base)
     bigger.resize_token_embeddings(130)

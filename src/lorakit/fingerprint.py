@@ -20,7 +20,9 @@ def weight_fingerprint(weight: torch.Tensor) -> dict | None:
     if weight.device.type == "meta":
         return None
     flat = weight.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel())).round().long()
+    # float32 positions, as every saved fingerprint has them; past 2**24 values the last one can round
+    # beyond the end (4096 × 11008, a 7B MLP weight, did), so it is clamped back onto the last value.
+    index = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel())).round().long().clamp_(max=flat.numel() - 1)
     sample = flat[index.to(flat.device)].float().cpu().tolist()
     return {"shape": list(weight.shape), "sample": [float(f"{v:.6g}") for v in sample]}
 
