@@ -184,11 +184,15 @@ def _plots_png(name: str, candidate: dict[str, Any]) -> str | None:
 
     base, adapted, kl = points["base_prob"], points["adapted_prob"], points["kl"]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.8))
-    left.scatter(base, adapted, s=8, alpha=0.6)
+    right_b = points.get("base_correct") or [False] * len(base)
+    right_a = points.get("adapted_correct") or [False] * len(base)
+    colours = ["tab:red" if b and not a else "tab:green" if a and not b else "tab:grey"
+               for b, a in zip(right_b, right_a, strict=True)]
+    left.scatter(base, adapted, s=8, alpha=0.6, c=colours)
     left.plot([0, 1], [0, 1], color="grey", lw=0.8)
     left.set_xlabel("base: p(reference)")
     left.set_ylabel("adapted: p(reference)")
-    left.set_title("per-example probability")
+    left.set_title("per example (red: right→wrong, green: wrong→right)", fontsize=9)
     middle.hist([a - b for a, b in zip(adapted, base, strict=True)], bins=40, color="tab:purple")
     middle.set_xlabel("adapted − base p(reference)")
     middle.set_title("probability shift")

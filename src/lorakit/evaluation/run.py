@@ -241,11 +241,12 @@ def _listed_answers(ctx: Context, name: str, data: EvalSet, paired: Paired) -> d
     return answers
 
 
-def _plot_points(paired: Paired) -> dict[str, list[float]]:
+def _plot_points(paired: Paired) -> dict[str, list[Any]]:
     """What the HTML report draws: per-example probabilities and KL (rounded, to keep the JSON small)."""
     return {"base_prob": [round(v, 5) for v in paired.base.prob.tolist()],
             "adapted_prob": [round(v, 5) for v in paired.adapted.prob.tolist()],
-            "kl": [round(v, 7) for v in paired.kl.tolist()]}
+            "kl": [round(v, 7) for v in paired.kl.tolist()],
+            "base_correct": paired.base.correct.tolist(), "adapted_correct": paired.adapted.correct.tolist()}
 
 
 # -- general text --------------------------------------------------------------------------
