@@ -108,3 +108,33 @@ def test_bad_configs_are_refused():
         lorakit.AdapterConfig(r=0)
     with pytest.raises(lorakit.ConfigError, match="VeRA"):
         lorakit.AdapterConfig(method="vera", init="pissa")
+
+
+def test_every_named_target_must_match_when_an_adapter_is_created(tmp_path):
+    import copy
+
+    base = tiny_llama(layers=1)
+    with pytest.raises(lorakit.TargetNotFoundError, match=r"'qproj' \(closest: q_proj[,)].*while 'v_proj' did"):
+        lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(target_modules=["qproj", "v_proj"]))
+    # a file written by another tool may list names its model lacked: loading keeps PEFT's leniency
+    adapted = lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(target_modules=["q_proj", "v_proj"]))
+    lorakit.save_adapter(adapted, tmp_path / "a")
+    config = (tmp_path / "a" / "adapter_config.json").read_text().replace('"q_proj"', '"q_proj", "c_attn"')
+    (tmp_path / "a" / "adapter_config.json").write_text(config)
+    assert len(lorakit.load_adapter(copy.deepcopy(base), tmp_path / "a").adapter_modules("default")) == 2
+
+
+def test_train_refuses_a_misspelled_target_and_its_default_picks_the_architectures_names(tmp_path, capsys):
+    from test_train import LLAMA, write_jsonl
+
+    from lorakit.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}] * 8)
+    common = ["train", "--quiet", "--task", "causal-lm", "--model", LLAMA, "--data", str(data), "--max-steps", "1",
+              "--batch-size", "4", "--general-samples", "0"]
+    assert main([*common, "--targets", "qproj,v_proj", "--out", str(tmp_path / "bad")]) == 2
+    assert "'qproj' (closest: q_proj," in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main([*common, "--out", str(tmp_path / "good")]) == 0  # default: query,value,q_proj,v_proj,c_attn
+    config = (tmp_path / "good" / "adapter" / "adapter_config.json").read_text()
+    assert 'self_attn.q_proj"' in config and 'c_attn' not in config and 'query' not in config

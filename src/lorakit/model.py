@@ -135,10 +135,13 @@ class AdaptedModel(nn.Module):
         *,
         gradient_loss: LossFn | None = None,
         activate: bool | None = None,
+        every_target: bool = True,
     ) -> None:
         """Attach a new adapter. ``gradient_loss`` is required by the gradient-SVD init.
 
         The first adapter becomes active; later ones become active when ``activate`` is True.
+        Every name in a list of ``target_modules`` must match a module (``every_target``;
+        loading a file turns it off, as other tools save names their model lacked).
         """
         from lorakit.inits import initialise
 
@@ -149,7 +152,7 @@ class AdaptedModel(nn.Module):
         if config.init == "gradient-svd" and gradient_loss is None:
             raise ConfigError("init 'gradient-svd' needs gradient_loss: a callable returning a loss on a few batches")
         modules = plain_modules(self.model)
-        paths = resolve_targets(self.model, config, modules)
+        paths = resolve_targets(self.model, config, modules, every_name=every_target)
         saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
         if config.modules_to_save and not saved:
             raise ConfigError(f"modules_to_save {list(config.modules_to_save)} matched no module of the model")

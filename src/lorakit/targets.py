@@ -72,15 +72,21 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def resolve_targets(model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module] | None = None) -> list[str]:
+def resolve_targets(model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module] | None = None, *,
+                    every_name: bool = False) -> list[str]:
     """Module paths that get an adapter under ``config``, in model order (``modules``: the
     model's ``plain_modules``, when the caller has them).
 
     Raises TargetNotFoundError (listing near misses and the adaptable module kinds) when the
-    rules match nothing, and when a named target exists but cannot be adapted.
+    rules match nothing, and when a named target exists but cannot be adapted. With
+    ``every_name``, also when any one name of a list matches nothing: ``qproj,v_proj`` would
+    otherwise adapt ``v_proj`` alone, silently (files written by other tools may list names their
+    model lacked, so loading does not ask for this).
     """
     modules = plain_modules(model) if modules is None else modules
     targets = config.target_modules
+    if every_name and not isinstance(targets, str):
+        _require_every_name(modules, config)
     if targets == ALL_LINEAR:
         heads = output_head_names(model)
         chosen = [n for n, m in modules.items() if is_linear(m) and n not in heads]
@@ -138,6 +144,24 @@ def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     walk(model, "")
     return modules
+
+
+def _require_every_name(modules: dict[str, nn.Module], config: AdapterConfig) -> None:
+    names = list(config.target_modules)
+    unmatched = [rule for rule in names if not any(rule_matcher((rule,))(n) for n in modules)]
+    if not unmatched or len(unmatched) == len(names):  # nothing matched at all: the general message says more
+        return
+    adaptable = [n for n, m in modules.items() if is_adaptable(m)]
+    suffixes = sorted({n.split(".")[-1] for n in adaptable})
+    hints = []
+    for rule in unmatched:
+        near = difflib.get_close_matches(rule, suffixes, n=3, cutoff=0.5)
+        hints.append(f"{rule!r}" + (f" (closest: {', '.join(near)})" if near else ""))
+    raise TargetNotFoundError(
+        f"target_modules names {', '.join(hints)} matched no module, while "
+        f"{', '.join(repr(r) for r in names if r not in unmatched)} did; fix or drop "
+        f"{'it' if len(unmatched) == 1 else 'them'}. Adaptable module names here: {', '.join(suffixes[:30])}"
+        + ("…" if len(suffixes) > 30 else ""))
 
 
 def _explain_no_match(modules: dict[str, nn.Module], config: AdapterConfig) -> str:

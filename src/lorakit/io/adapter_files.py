@@ -304,7 +304,7 @@ def _attach(
 ) -> None:
     """Build adapter ``name`` for a checked file and fill it with the file's values."""
     with factors_filled_by_caller():  # _copy_tensors fills every factor
-        adapted.add_adapter(name, adapter.config, activate=activate)
+        adapted.add_adapter(name, adapter.config, activate=activate, every_target=False)
     try:
         _copy_tensors(_copy_pairs(adapted, name, adapter))
         _require_unchanged(adapter)

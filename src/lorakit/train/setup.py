@@ -58,9 +58,12 @@ def prepare(config: TrainConfig) -> Prepared:
 def adapter_config(config: TrainConfig, model: nn.Module) -> lorakit.AdapterConfig:
     method = "lora" if config.method == "delta-lora" else config.method
     heads = [name for name in HEAD_NAMES if _has_module(model, name)] if config.task == "classify" else []
+    targets = config.target_modules()
+    if config.targets == TrainConfig.targets:  # the default lists several architectures' names: keep this one's
+        targets = tuple(t for t in targets if _has_module(model, t)) or targets
     return lorakit.AdapterConfig(
         method=method, r=config.rank, alpha=config.alpha, dropout=0.0 if config.method == "delta-lora" else
-        config.dropout, use_rslora=config.rslora, init=config.init, target_modules=config.target_modules(),
+        config.dropout, use_rslora=config.rslora, init=config.init, target_modules=targets,
         modules_to_save=tuple(heads),
     )
 
