@@ -230,3 +230,37 @@ def test_a_run_that_collapses_to_one_label_says_so(tmp_path, data, capsys):
     learns = ("--bf16", "off", "--lr", "1e-2", "--max-steps", "48", "--targets", "all-linear")
     assert run(*small(calm, *data, *learns)) == 0
     assert not any("predicts" in w for w in json.loads((calm / "summary.json").read_text())["warnings"])
+
+
+def test_chat_data_without_the_causal_task_is_told_which_task_it_is(tmp_path, capsys):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                              {"role": "assistant", "content": "yo"}]}] * 4)
+    assert run("--model", BERT, "--data", str(chat), "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert "chat ('messages')" in err and "--task causal-lm" in err
+
+
+def test_a_json_array_file_is_read_and_its_errors_say_where(tmp_path):
+    rows = [{"text": f"t{i} good", "label": "good" if i % 2 else "bad"} for i in range(6)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows, indent=2))
+    got = read_rows(path)
+    assert [r["text"] for r in got] == [r["text"] for r in rows] and got[2]["_line"] == "item 3"
+    path.write_text('[\n  {"text": "a", "label": "b"},\n  {"text": "c" "label": "d"}\n]')
+    with pytest.raises(DataError, match=r"rows.json:3: malformed JSON \(Expecting ',' delimiter at column 16\)"):
+        read_rows(path)
+    path.write_text('[{"text": "a"}, 3]')
+    with pytest.raises(DataError, match="item 2 of the array must be a JSON object"):
+        read_rows(path)
+
+
+def test_yaml_keys_of_other_tools_get_a_did_you_mean(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 1e-4\nrnak: 8\nlora_alpha: 16\n")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "'learning_rate' (did you mean 'lr'?)" in err and "'rnak' (did you mean 'rank'?)" in err
+    assert "'lora_alpha' (did you mean 'alpha'?)" in err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"lorakit {lorakit.__version__}"

@@ -180,7 +180,10 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import lorakit
+
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA-family fine-tuning in HF PEFT's format.")
+    parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (text, configure, _) in COMMANDS.items():
         configure(sub.add_parser(name, help=text, description=text,

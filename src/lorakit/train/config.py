@@ -171,5 +171,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown settings {unknown}; see `lorakit train --help`")
+        raise ConfigError(f"{path}: unknown settings {', '.join(_with_guess(k, known) for k in unknown)}; see "
+                          "`lorakit train --help`")
     return data
+
+
+# Names other tools give lorakit's settings (HF TrainingArguments, PEFT's LoraConfig, axolotl).
+OTHER_TOOLS = {"learning_rate": "lr", "lora_r": "rank", "r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
+               "target_modules": "targets", "num_train_epochs": "epochs", "num_epochs": "epochs",
+               "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+               "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler",
+               "lr_scheduler": "scheduler", "output_dir": "out", "sequence_len": "max_length",
+               "max_seq_length": "max_length", "base_model": "model", "dataset": "data", "use_rslora": "rslora"}
+
+
+def _with_guess(key: str, known: set[str]) -> str:
+    import difflib
+
+    guess = OTHER_TOOLS.get(key) or next(iter(difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)), None)
+    return f"{key!r} (did you mean {guess!r}?)" if guess in known else repr(key)

@@ -34,7 +34,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if suffix == ".json" and _starts_with_array(path):
+        rows = _read_json_array(path)
+    elif suffix in (".jsonl", ".json"):
         rows = _read_jsonl(path)
     elif suffix in (".csv", ".tsv"):
         rows = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
@@ -62,6 +64,29 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _starts_with_array(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip("\ufeff \t\r\n")
+    return head.startswith("[")
+
+
+def _read_json_array(path: Path) -> list[dict[str, Any]]:
+    """A .json file holding one array of objects (a common export), read whole; rows know their index."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected an array of objects, or JSON Lines (one object per line)")
+    rows = []
+    for number, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {number} of the array must be a JSON object, got {type(row).__name__}")
+        rows.append({**row, "_line": f"item {number}"})
+    return rows
+
+
 def _read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
@@ -84,6 +109,10 @@ def pick_column(rows: list[dict[str, Any]], wanted: str | None, candidates: Sequ
     for name in candidates:
         if name in columns:
             return name
+    shape = lm_shape(columns)
+    if shape:
+        raise DataError(f"{source}: these are {shape} examples (columns: {', '.join(columns)}), which train a "
+                        "language model; pass --task causal-lm")
     raise DataError(
         f"{source}: cannot tell which column holds the {what}; columns are: {', '.join(columns)}. "
         f"Name it with --{what}-column."
@@ -104,6 +133,18 @@ def held_out_split(rows: list[dict[str, Any]], seed: int, share: float, source: 
         raise DataError(f"{source}: too few examples ({len(rows)}) to hold out an evaluation split")
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def lm_shape(columns: Sequence[str]) -> str | None:
+    """The causal-LM example shape a set of columns has (chat, Alpaca, prompt/completion), or None."""
+    present = set(columns)
+    if "messages" in present:
+        return "chat ('messages')"
+    if {"instruction", "output"} <= present:
+        return "Alpaca ('instruction'/'output')"
+    if {"prompt", "completion"} <= present:
+        return "prompt/completion"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
