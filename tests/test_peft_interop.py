@@ -418,3 +418,22 @@ def test_delta_lora_to_peft_on_original_base(arch: str, zoo, tmp_path: Path) -> 
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert sorted(peft_layers(pm)) == sorted(layers)
     assert_same(run(pm, inputs), ours)
+
+
+def test_task_type_lets_peft_auto_classes_load_a_lorakit_file(tmp_path: Path) -> None:
+    """adapter_config.json names the task (CAUSAL_LM, SEQ_CLS), as AutoPeftModelFor... needs."""
+    base = model_zoo.tiny_llama(layers=1)
+    base.save_pretrained(tmp_path / "base")
+    adapted = lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for module in adapted.adapter_modules("default").values():
+            module.lora_B.normal_(0, 0.1)
+    lorakit.save_adapter(adapted, tmp_path / "a", base_model_name_or_path=str(tmp_path / "base"))
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)
+    classifier = lorakit.adapt(model_zoo.minilm(num_labels=2), lorakit.AdapterConfig(target_modules=["query"]))
+    lorakit.save_adapter(classifier, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"

@@ -27,7 +27,7 @@ from lorakit.errors import AdapterFileError
 from lorakit.finite import first_non_finite
 from lorakit.io.adapter_checks import PREFIX, Plan, check_against_model, vocab_size
 from lorakit.io.atomic import write_atomically, write_text_atomically
-from lorakit.io.peft_config import from_peft_dict, to_peft_dict
+from lorakit.io.peft_config import from_peft_dict, task_type_of, to_peft_dict
 from lorakit.io.safetensors_reader import SafetensorsError, file_identity, open_tensors
 from lorakit.kinds import Conv1DKind
 from lorakit.methods import DoRA, LoRA, VeRA
@@ -113,6 +113,7 @@ def save_adapter(
         config, list(methods), saved_paths, ranks, alphas,
         uses_conv1d=any(isinstance(layer.kind, Conv1DKind) for layer in layers.values()),
         base_model_name_or_path=base_model_name_or_path, module_names=plain_modules(model.model),
+        task_type=task_type_of(model.model),
     )
     metadata = {
         "format": "pt",

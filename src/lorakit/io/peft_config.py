@@ -44,6 +44,7 @@ def to_peft_dict(
     uses_conv1d: bool,
     base_model_name_or_path: str | None,
     module_names: Iterable[str] = (),
+    task_type: str | None = None,
 ) -> dict[str, Any]:
     """PEFT's config for an adapter whose per-module ranks and alphas are given exactly.
 
@@ -63,7 +64,7 @@ def to_peft_dict(
         "modules_to_save": saved_paths or None,
         "revision": None,
         "target_modules": _exact_targets(target_paths, module_names),
-        "task_type": None,
+        "task_type": task_type,
     }
     if config.method == "vera":
         return {
@@ -185,3 +186,15 @@ def _layers_pattern(value: Any) -> str | None:
     if isinstance(value, list):
         return value[0] if value else None
     return value
+
+
+# PEFT's task types by the ending of a transformers model class, so AutoPeftModelFor... can load a file.
+TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+              ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+              ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
+
+
+def task_type_of(model: Any) -> str | None:
+    """PEFT's ``task_type`` for a model (None for bare encoders and plain torch modules)."""
+    name = type(model).__name__
+    return next((task for ending, task in TASK_TYPES if name.endswith(ending)), None)
