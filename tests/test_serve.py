@@ -220,7 +220,7 @@ def test_adapters_load_swap_refuse_and_delete(served):
     assert served_ids() == ["base", *ADAPTERS]
 
 
-def test_a_training_run_folder_loads_like_its_adapter_folder(served, tmp_path):
+def test_a_training_run_folder_loads_like_its_adapter_folder(served, tmp_path, caplog):
     client, ref, root = served["client"], served["ref"], served["root"]
     run = root / "adapters" / "run_a4"
     shutil.copytree(root / "adapters" / "a4", run / "adapter")
@@ -233,7 +233,11 @@ def test_a_training_run_folder_loads_like_its_adapter_folder(served, tmp_path):
     from lorakit.serve import build_engine
 
     shutil.move(run, tmp_path / "run_a4")
-    assert build_engine(str(root / "base"), tmp_path).adapter_names() == ["run_a4"]  # found at start-up too
+    (tmp_path / "notes").mkdir()
+    with caplog.at_level("INFO", logger="lorakit.serve"):
+        assert build_engine(str(root / "base"), tmp_path).adapter_names() == ["run_a4"]  # found at start-up too
+    assert "skipping" in caplog.text and "notes" in caplog.text
+    assert "adapter 'run_a4'" in caplog.text and "rank" in caplog.text
 
 
 def test_a_swap_reads_the_file_while_batches_run_and_rereads_a_file_written_meanwhile(served, monkeypatch):

@@ -27,7 +27,13 @@ def build_engine(model_spec: str, adapter_root: str | Path, *, max_prompt_tokens
         raise ConfigError(f"--adapters {adapter_root} is not a folder")
     # An adapter folder, or a `lorakit train` run folder (its adapter/ subfolder), under its own name.
     named = {p.name: adapter_folder(p) for p in sorted(root.iterdir()) if p.is_dir()}
+    for name, folder in named.items():
+        if not (folder / CONFIG_NAME).is_file():
+            log.warning("skipping %s: no %s (neither an adapter folder nor a `lorakit train` run folder with one)",
+                        root / name, CONFIG_NAME)
     named = {name: folder for name, folder in named.items() if (folder / CONFIG_NAME).is_file()}
+    if not named:
+        log.warning("no adapter under %s: serving the base model alone", root)
     for name in named:
         check_name(name, ConfigError)
     heads = {}
@@ -85,6 +91,10 @@ def build_engine(model_spec: str, adapter_root: str | Path, *, max_prompt_tokens
         if isinstance(metadata_labels, list) and task == "classify" and len(metadata_labels) == model.config.num_labels:
             labels[name] = [str(n) for n in metadata_labels]
         sources[name] = str(folder.resolve())
+        config = adapted.configs[name]
+        log.info("adapter %r from %s: %s, rank %d, %d modules%s", name, folder, config.method, config.r,
+                 len(adapted.layers_of(name)), "; trained on a quantised base" if heads[name][1].get("quantize")
+                 not in (None, "none") else "")
     engine = Engine(adapted, tokenizer, task=task, adapter_root=root, model_spec=model_spec,
                     max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                     base_classifies=base_classifies, label_names=labels)
