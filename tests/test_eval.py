@@ -324,3 +324,12 @@ def test_warnings_name_a_constant_prediction_a_noise_level_change_and_a_rewritte
     assert any("1 of the 2 keep examples" in w for w in found)
     section["general"], section["keep"]["flips_right_to_wrong"] = {"embedding_cosine": 0.99}, 0
     assert not any("encoder" in w or "keep examples" in w for w in warnings_for("x", data, paired, section))
+
+
+def test_a_base_mismatch_names_the_command_line_flag(classify_run, tmp_path, capsys):
+    args = ["eval", "--adapter", str(classify_run / "adapter"), "--model", BERT, "--seed", "1", "--data",
+            str(classify_run.parent / "eval.csv"), "--general", "none", "--quiet", "--out", str(tmp_path / "r")]
+    assert main(args) == 2  # seed 1 draws another random base than the adapter was trained on
+    err = capsys.readouterr().err
+    assert "--ignore-fingerprint" in err and "check_fingerprint" not in err
+    assert main([*args, "--ignore-fingerprint"]) == 0

@@ -118,7 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
         general=args.general, general_samples=args.general_samples, task=args.task, text_column=args.text_column,
         label_column=args.label_column, combine=args.combine, weights=weights, density=args.density, rank=args.rank,
         max_length=args.max_length, batch_size=args.batch_size, bootstrap=args.bootstrap, seed=args.seed,
-        bf16=args.bf16, quiet=args.quiet,
+        bf16=args.bf16, quiet=args.quiet, check_fingerprint=not args.ignore_fingerprint,
     )
     report = evaluate(options)
     failed = crossed(report, conditions)
@@ -167,6 +167,8 @@ def _eval_parser(parser: argparse.ArgumentParser) -> None:
                              "'keep.flips_right_to_wrong>5,general.forgetting_nats>0.1': exit 1 when one holds")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--ignore-fingerprint", action="store_true",
+                        help="evaluate even if the adapters were trained on other base weights")
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and report.html")
 
 
@@ -198,8 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args)
     except LorakitError as exc:
-        print(f"lorakit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lorakit {args.command}: error: {in_cli_words(str(exc), args)}", file=sys.stderr)
         return 2
+
+
+# The library's errors name its Python arguments; on the command line, the flag that does the same.
+CLI_WORDS = {"check_fingerprint=False": ("ignore_fingerprint", "--ignore-fingerprint")}
+
+
+def in_cli_words(message: str, args: argparse.Namespace) -> str:
+    """``message`` with each Python argument it suggests replaced by this command's flag (or a note
+    that this command has none)."""
+    for python, (dest, flag) in CLI_WORDS.items():
+        if python in message:
+            message = message.replace(python, flag if hasattr(args, dest) else
+                                      f"{python} (in Python; `lorakit {args.command}` has no such flag)")
+    return message
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class EvalOptions:
     seed: int = 0
     bf16: str = "off"
     fail_if: str | None = None
+    check_fingerprint: bool = True  # False: evaluate on another base on purpose
     quiet: bool = False
 
 
@@ -154,7 +155,8 @@ def _load(model_spec: str, task: str, sources: list[AdapterSource], options: Eva
     base = base.to(device).eval()
     model: AdaptedModel | torch.nn.Module = base
     for source in sources:
-        model = lorakit.load_adapter(model, source.file, name=source.name, activate=False)
+        model = lorakit.load_adapter(model, source.file, name=source.name, activate=False,
+                                     check_fingerprint=options.check_fingerprint)
     assert isinstance(model, AdaptedModel)
     architectures = getattr(model.model.config, "architectures", None) or []
     untrained = task == "classify" and head_labels(sources[0].file) is not None and not any(
