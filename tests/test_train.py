@@ -264,3 +264,12 @@ def test_yaml_keys_of_other_tools_get_a_did_you_mean(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"lorakit {lorakit.__version__}"
+
+
+def test_evaluations_are_printed_as_they_happen_and_the_summary_names_what_was_saved(tmp_path, data, capsys):
+    out = tmp_path / "loud"
+    args = small(out, *data, "--bf16", "off", "--general-samples", "2")
+    assert main(["train", *args]) == 0  # not --quiet
+    printed = capsys.readouterr().out
+    assert "step 3: accuracy" in printed and "step 6: accuracy" in printed and "(best " in printed
+    assert "saved: the evaluation of step 6 (accuracy " in printed and str(out / "adapter") in printed

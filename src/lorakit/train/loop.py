@@ -242,6 +242,9 @@ class Trainer:
         better = top is None or (value > top if self.metric_name == "accuracy" else value < top)
         self.state["top"] = value if better else top
         self.state["bad_evals"] = 0 if better else self.state["bad_evals"] + 1
+        figures = "".join(f", {k.replace('_', ' ')} {v:.4g}" for k, v in general.items() if k != "step")
+        self.outputs.progress_note(f"step {step}: {self.metric_name} {value:.4f} (best {self.state['top']:.4f})"
+                                   f"{figures}", quiet=self.config.quiet)
         if self.config.select == "last" or better:
             self.state.update(best=value, best_step=step, best_label_counts=self.label_counts)
             self.general.keep_best(self.state)

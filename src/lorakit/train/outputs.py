@@ -67,6 +67,13 @@ class RunOutputs:
         if self.enabled:
             print(text, flush=True)
 
+    def progress_note(self, text: str, quiet: bool) -> None:
+        """A line printed above the progress bar (an evaluation as it happens)."""
+        if self.enabled and not quiet:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
     def progress(self, total: int, done: int, quiet: bool):
         from tqdm import tqdm
 
@@ -105,6 +112,8 @@ class RunOutputs:
             f"{self.folder}",
             flush=True,
         )
+        saved = self.adapter_dir if (self.adapter_dir / "adapter_config.json").is_file() else self.folder / "model"
+        print(f"saved: the evaluation of step {summary['best_step']} ({metric_name} {after:.4f}) → {saved}", flush=True)
         for warning in summary.get("warnings", []):
             print(f"warning: {warning}", flush=True)
 
