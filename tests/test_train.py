@@ -273,3 +273,37 @@ def test_evaluations_are_printed_as_they_happen_and_the_summary_names_what_was_s
     printed = capsys.readouterr().out
     assert "step 3: accuracy" in printed and "step 6: accuracy" in printed and "(best " in printed
     assert "saved: the evaluation of step 6 (accuracy " in printed and str(out / "adapter") in printed
+
+
+def test_resume_refuses_changes_that_alter_the_run_and_applies_safe_ones(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    args = small(out, *data, "--bf16", "off", "--general-samples", "0")
+    assert run(*args, "--max-steps", "3") == 0
+    capsys.readouterr()
+    assert run(*args, "--max-steps", "3", "--resume", "--rank", "16", "--lr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert "--rank 8 → 16" in err and "--lr 0.005 → 0.001" in err and "TypeError" not in err
+    assert run(*args, "--max-steps", "6", "--resume") == 0
+    assert "changed: --max-steps 3 → 6" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+def test_ctrl_c_says_where_it_stopped_and_how_to_go_on(tmp_path, data, capsys, monkeypatch):
+    from lorakit.train.loop import Trainer
+
+    original = Trainer.train_step
+
+    def interrupted(self):
+        if self.state["step"] == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    out = tmp_path / "run"
+    args = small(out, *data, "--bf16", "off", "--general-samples", "0")
+    assert run(*args) == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 4; rerun the same command with --resume" in err and "Traceback" not in err
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run(*args, "--resume") == 0
+    assert "resumed from step 3" in capsys.readouterr().out

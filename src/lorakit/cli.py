@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from lorakit.errors import LorakitError
+from lorakit.errors import InterruptedTrainingError, LorakitError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -200,8 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args)
     except LorakitError as exc:
+        if isinstance(exc, InterruptedTrainingError):
+            print(f"lorakit {args.command}: {exc}", file=sys.stderr)
+            return 130  # the shell's code for a run ended by Ctrl-C
         print(f"lorakit {args.command}: error: {in_cli_words(str(exc), args)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: stopped", file=sys.stderr)
+        return 130
 
 
 # The library's errors name its Python arguments; on the command line, the flag that does the same.

@@ -30,3 +30,7 @@ class FingerprintMismatchError(AdapterFileError):
 
 class GeneralTextError(LorakitError, ValueError):
     """A general-text file (for forgetting measurements) that cannot be read as passages."""
+
+
+class InterruptedTrainingError(LorakitError):
+    """The user stopped a run (Ctrl-C): said in one line, with how to continue, not a traceback."""

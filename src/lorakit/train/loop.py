@@ -22,6 +22,7 @@ from torch import nn
 
 import lorakit
 from lorakit import symptoms
+from lorakit.errors import InterruptedTrainingError
 from lorakit.train import batches as B
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
@@ -286,7 +287,7 @@ class Trainer:
         if payload is None:
             self.outputs.say("--resume: no checkpoint found; starting from step 0")
             return False
-        _check_same_schedule(payload.get("config") or {}, self.config)
+        applied = resume_changes(payload.get("config") or {}, self.config)
         self.load_trained_state(payload["trained"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -295,7 +296,8 @@ class Trainer:
         if self.rule is not None and payload["rule"] is not None:
             self.rule.load_state_dict(payload["rule"])
         ckpt.set_rng_state(payload["rng"])
-        self.outputs.say(f"resumed from step {self.state['step']}")
+        self.outputs.say(f"resumed from step {self.state['step']}"
+                         + (f"; changed: {'; '.join(applied)}" if applied else ""))
         return True
 
     def _symptoms(self, summary: dict[str, Any]) -> list[str]:
@@ -335,14 +337,32 @@ class Trainer:
         return summary
 
 
-def _check_same_schedule(saved: dict[str, Any], config: TrainConfig) -> None:
-    """Refuse to resume under another lr schedule: the scheduler's state is only a step count, so
-    the lr would jump. Checkpoints from before --scheduler existed were cosine."""
-    for name, old_default in (("scheduler", "cosine"), ("warmup_ratio", 0.06)):
-        was = saved.get(name, old_default)
-        if was != getattr(config, name):
-            flag = "--" + name.replace("_", "-")
-            raise lorakit.ConfigError(f"the checkpoint was trained with {flag} {was}; pass {flag} {was} to resume it")
+# Settings a resumed run may change: how long it runs and what it reports, not what it computes.
+SAFE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_every", "save_every", "keep_last", "early_stopping",
+                            "threads", "quiet", "out", "resume", "select", "general_data", "general_samples", "bf16"})
+# Values checkpoints written before a setting existed were trained with.
+BEFORE_IT_EXISTED = {"scheduler": "cosine", "warmup_ratio": 0.06, "select": "best"}
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Refuse to resume with a setting that would change what the run computes (the rank, the
+    model, the data, the lr or its schedule: the optimizer and scheduler states would silently
+    keep the old ones, or the tensors would not fit); return the safe changes, applied."""
+    broken, applied = [], []
+    for name, now in config.to_dict().items():
+        if name not in saved and name not in BEFORE_IT_EXISTED:
+            continue
+        was = saved.get(name, BEFORE_IT_EXISTED.get(name))
+        if was == now:
+            continue
+        change = f"--{name.replace('_', '-')} {was} → {now}"
+        (applied if name in SAFE_ON_RESUME else broken).append(change)
+    if broken:
+        raise lorakit.ConfigError(
+            "--resume: these settings differ from the checkpoint's and would change what the run computes: "
+            + "; ".join(broken) + ". Pass the checkpoint's values to resume it (config.yaml in the run folder "
+            "holds them), or start a new run with another --out")
+    return applied
 
 
 def autocast_for(setting: str, device: torch.device):
@@ -375,7 +395,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.threads:
         # On a shared CPU, fewer threads than cores avoids each op waiting for a descheduled thread.
         torch.set_num_threads(config.threads)
-    return Trainer(config).run()
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    except KeyboardInterrupt:
+        raise InterruptedTrainingError(
+            f"stopped at step {trainer.state['step']}; rerun the same command with --resume to continue from the "
+            "last checkpoint") from None
 
 
 def dumps(summary: dict[str, Any]) -> str:
