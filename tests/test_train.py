@@ -307,3 +307,18 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_go_on(tmp_path, data, capsys, m
     monkeypatch.setattr(Trainer, "train_step", original)
     assert run(*args, "--resume") == 0
     assert "resumed from step 3" in capsys.readouterr().out
+
+
+def test_examples_cut_or_dropped_at_max_length_are_counted_and_too_many_drops_refused(tmp_path, capsys):
+    rows = [{"prompt": "p" * 40, "completion": "answer"}] + [{"prompt": "q", "completion": "a" * 40}] * 3 + \
+        [{"prompt": "q", "completion": "ok"}] * 16
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    common = ["--task", "causal-lm", "--model", LLAMA, "--data", str(data), "--eval-data", str(data),
+              "--max-steps", "1", "--batch-size", "4", "--max-length", "24", "--general-samples", "0"]
+    assert run(*common, "--out", str(tmp_path / "strict"), "--max-drop", "0") == 2
+    assert "1 of 20 train examples (5%) have prompts of 24 tokens or more" in capsys.readouterr().err
+    out = tmp_path / "ok"
+    assert run(*common, "--out", str(out)) == 0  # 5% is within the default --max-drop
+    data_fit = json.loads((out / "summary.json").read_text())["data"]
+    assert data_fit["train"] == {"examples": 20, "dropped": 1, "truncated": 3}
+    assert "1 of 20 train examples dropped (prompt fills it); 3 of 20 train examples cut" in capsys.readouterr().out

@@ -43,21 +43,42 @@ def _is_hf(tokenizer) -> bool:
     return type(tokenizer).__module__.startswith("transformers")
 
 
-def encode_classification(data: ClassifyData, tokenizer, max_length: int) -> list[Encoded]:
-    return [Encoded(encode_text(tokenizer, t, max_length), label) for t, label in zip(data.texts, data.labels,
-                                                                                        strict=True)]
+@dataclass
+class Fit:
+    """How a file's examples fit --max-length, counted so nothing is cut or dropped without a word."""
+
+    examples: int = 0
+    dropped: int = 0  # causal-lm: the prompt alone fills max_length, so there is nothing to learn
+    truncated: int = 0  # cut at max_length (a cut answer has no end-of-sequence token: it is not taught to stop)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"examples": self.examples, "dropped": self.dropped, "truncated": self.truncated}
 
 
-def encode_lm(examples: Sequence[LMExample], tokenizer, max_length: int, source: str) -> list[Encoded]:
+def encode_classification(data: ClassifyData, tokenizer, max_length: int, fit: Fit | None = None) -> list[Encoded]:
+    encoded = [Encoded(encode_text(tokenizer, t, max_length), label) for t, label in zip(data.texts, data.labels,
+                                                                                           strict=True)]
+    if fit is not None:  # a text that reaches the limit was (almost always) cut there
+        fit.examples += len(encoded)
+        fit.truncated += sum(len(e.input_ids) >= max_length for e in encoded)
+    return encoded
+
+
+def encode_lm(examples: Sequence[LMExample], tokenizer, max_length: int, source: str,
+              fit: Fit | None = None) -> list[Encoded]:
     """Prompt tokens carry no loss; completion tokens (and the end-of-sequence token) do."""
+    fit = fit if fit is not None else Fit()
     encoded = []
     for ex in examples:
+        fit.examples += 1
         prompt = encode_text(tokenizer, ex.prompt, max_length, special=True) if ex.prompt else _bos(tokenizer)
         answer = [*encode_text(tokenizer, ex.completion, max_length, special=False), tokenizer.eos_token_id]
         ids = (prompt + answer)[:max_length]
         labels = ([IGNORE] * len(prompt) + answer)[:max_length]
         if all(label == IGNORE for label in labels[1:]):
-            continue  # the prompt alone fills max_length: nothing to learn from this example
+            fit.dropped += 1  # the prompt alone fills max_length: nothing to learn from this example
+            continue
+        fit.truncated += len(prompt) + len(answer) > max_length
         encoded.append(Encoded(ids, labels))
     if not encoded:
         raise DataError(f"{source}: no example has answer tokens within max_length={max_length}")

@@ -53,6 +53,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06  # share of the steps over which the lr rises linearly to --lr
     max_grad_norm: float = 1.0
     max_length: int = 512  # tokens kept per example (at most the tokenizer's limit); 128 cut 4 in 10 drug reviews
+    max_drop: float = 0.05  # causal-lm: refuse to run when more than this share of examples has no room for an answer
     bf16: str = "auto"  # auto (on where the hardware runs it fast) | on | off
     gradient_checkpointing: bool = False
     eval_every: int | None = None  # steps; None: once per epoch
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("--warmup-ratio must be at least 0 and below 1")
+        if not 0 <= self.max_drop <= 1:
+            raise ConfigError("--max-drop must be between 0 and 1")
         if not 0 < self.eval_split < 1:
             raise ConfigError("--eval-split must be between 0 and 1")
 

@@ -29,7 +29,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import Distributed
 from lorakit.train.general import GeneralTracker
 from lorakit.train.outputs import RunOutputs
-from lorakit.train.setup import Prepared, prepare
+from lorakit.train.setup import Prepared, max_length, prepare
 
 log = logging.getLogger("lorakit")
 
@@ -72,6 +72,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.prepared: Prepared = prepare(config)  # every input check happens here, before any write
         self.outputs = RunOutputs(Path(config.out), enabled=self.dist.is_main)
+        self.outputs.max_length_used = max_length(config, self.prepared.tokenizer)
         self.outputs.check_fresh_or_resume(config.resume)
         self.device = self.dist.device
         self.model = self.prepared.model.to(self.device)
@@ -328,6 +329,7 @@ class Trainer:
             "bf16_autocast": not isinstance(self.autocast, contextlib.nullcontext),
             "general": self.general.summary(self.state),
         }
+        summary["data"] = {part: fit.as_dict() for part, fit in self.prepared.fit.items()}
         summary["warnings"] = self._symptoms(summary)
         if self.dist.is_main:
             summary["adapter_bytes"] = self.outputs.save_model(self.prepared, self.config)

@@ -35,6 +35,7 @@ class RunOutputs:
         self.checkpoints = folder / "checkpoints"
         self.metrics_path = folder / "metrics.jsonl"
         self.adapter_dir = folder / "adapter"
+        self.max_length_used: int | None = None  # the --max-length examples were cut at (set by the trainer)
 
     def check_fresh_or_resume(self, resume: bool) -> None:
         if not resume and (self.checkpoints.exists() or (self.folder / "summary.json").exists()):
@@ -112,6 +113,9 @@ class RunOutputs:
             f"{self.folder}",
             flush=True,
         )
+        line = fit_line(summary.get("data") or {}, self.max_length_used)
+        if line:
+            print(line, flush=True)
         saved = self.adapter_dir if (self.adapter_dir / "adapter_config.json").is_file() else self.folder / "model"
         print(f"saved: the evaluation of step {summary['best_step']} ({metric_name} {after:.4f}) → {saved}", flush=True)
         for warning in summary.get("warnings", []):
@@ -147,3 +151,17 @@ class RunOutputs:
         fig.tight_layout()
         write_atomically(self.folder / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
+
+
+def fit_line(data: dict[str, dict[str, int]], max_length: int | None) -> str | None:
+    """One line saying which examples were cut or dropped at --max-length (None when none were)."""
+    parts = []
+    for part, counted in data.items():
+        if counted.get("dropped"):
+            parts.append(f"{counted['dropped']} of {counted['examples']} {part} examples dropped (prompt fills it)")
+        if counted.get("truncated"):
+            parts.append(f"{counted['truncated']} of {counted['examples']} {part} examples cut")
+    if not parts:
+        return None
+    limit = f"--max-length {max_length}" if max_length else "--max-length"
+    return f"data at {limit}: " + "; ".join(parts)

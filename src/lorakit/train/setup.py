@@ -30,11 +30,13 @@ class Prepared:
     model: nn.Module  # the AdaptedModel, or the plain model for full / head baselines
     adapted: lorakit.AdaptedModel | None
     pad_id: int
+    fit: dict[str, B.Fit]  # how the training and evaluation examples fit --max-length
 
 
 def prepare(config: TrainConfig) -> Prepared:
     tokenizer = load_tokenizer(config.model)
-    train, evaluation, label_names = _data(config, tokenizer)
+    fit = {"train": B.Fit(), "eval": B.Fit()}
+    train, evaluation, label_names = _data(config, tokenizer, fit)
     model = load_model(config.model, config.task, num_labels=len(label_names or []) or None, seed=config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if getattr(model.config, "pad_token_id", None) is None:
@@ -52,7 +54,7 @@ def prepare(config: TrainConfig) -> Prepared:
         loss_fn = _gradient_loss(config, train, pad_id) if config.init == "gradient-svd" else None
         adapted = lorakit.adapt(model, adapter_config(config, model), gradient_loss=loss_fn)
         model = adapted
-    return Prepared(train, evaluation, label_names, tokenizer, model, adapted, pad_id)
+    return Prepared(train, evaluation, label_names, tokenizer, model, adapted, pad_id, fit)
 
 
 def adapter_config(config: TrainConfig, model: nn.Module) -> lorakit.AdapterConfig:
@@ -90,21 +92,29 @@ def max_length(config: TrainConfig, tokenizer) -> int:
     return B.token_limit(config.max_length, tokenizer)
 
 
-def _data(config: TrainConfig, tokenizer) -> tuple[list[B.Encoded], list[B.Encoded], list[str] | None]:
+def _data(config: TrainConfig, tokenizer, fit: dict[str, B.Fit]
+          ) -> tuple[list[B.Encoded], list[B.Encoded], list[str] | None]:
     length = max_length(config, tokenizer)
     if config.task == "classify":
         train_data, eval_data = _classification(config)
-        return (B.encode_classification(train_data, tokenizer, length),
-                B.encode_classification(eval_data, tokenizer, length), train_data.label_names)
+        return (B.encode_classification(train_data, tokenizer, length, fit["train"]),
+                B.encode_classification(eval_data, tokenizer, length, fit["eval"]), train_data.label_names)
     if config.data == "default":
         raise DataError("the embedded default data is a classification set; give --data for --task causal-lm")
     train_rows = read_rows(config.data)
     eval_rows = read_rows(config.eval_data) if config.eval_data else None
     if eval_rows is None:
         train_rows, eval_rows = _split(train_rows, config)
-    train = B.encode_lm(lm_examples(train_rows, config.data, tokenizer), tokenizer, length, config.data)
+    train = B.encode_lm(lm_examples(train_rows, config.data, tokenizer), tokenizer, length, config.data, fit["train"])
     source = config.eval_data or config.data
-    evaluation = B.encode_lm(lm_examples(eval_rows, source, tokenizer), tokenizer, length, source)
+    evaluation = B.encode_lm(lm_examples(eval_rows, source, tokenizer), tokenizer, length, source, fit["eval"])
+    for part, counted in fit.items():
+        if counted.dropped > config.max_drop * counted.examples:
+            share = 100 * counted.dropped / counted.examples
+            raise DataError(
+                f"{counted.dropped} of {counted.examples} {part} examples ({share:.0f}%) "
+                f"have prompts of {length} tokens or more, leaving no room for the answer, so they would be dropped; "
+                f"raise --max-length, shorten the prompts, or allow it with --max-drop (now {config.max_drop})")
     return train, evaluation, None
 
 
