@@ -322,3 +322,22 @@ def test_examples_cut_or_dropped_at_max_length_are_counted_and_too_many_drops_re
     data_fit = json.loads((out / "summary.json").read_text())["data"]
     assert data_fit["train"] == {"examples": 20, "dropped": 1, "truncated": 3}
     assert "1 of 20 train examples dropped (prompt fills it); 3 of 20 train examples cut" in capsys.readouterr().out
+
+
+def test_chat_is_tokenized_alike_in_training_and_serving_with_one_bos():
+    """A tokenizer that adds BOS and a template that writes {{ bos_token }} (Llama, Mistral, Gemma)."""
+    from serve_fixtures import byte_tokenizer
+
+    from lorakit.train import batches as B
+
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    history = [{"role": "user", "content": "hi"}]
+    example = lm_examples([{"messages": [*history, {"role": "assistant", "content": "yo"}], "_line": 1}], "x",
+                          tokenizer)[0]
+    (encoded,) = B.encode_lm([example], tokenizer, 64, "x")
+    prompt = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label == B.IGNORE]
+    served = B.chat_prompt_ids(tokenizer, history, 64)  # what lorakit serve feeds the model
+    assert prompt == served
+    assert served.count(tokenizer.bos_token_id) == 1 and served[0] == tokenizer.bos_token_id

@@ -49,6 +49,7 @@ from lorakit.serve.jobs import (
     GenerationJob,
     ServeError,
 )
+from lorakit.train.batches import chat_prompt_ids
 
 log = logging.getLogger("lorakit.serve")
 
@@ -242,12 +243,9 @@ class Engine:
         return ids
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Chat messages → prompt ids with the tokenizer's template, or DEFAULT_CHAT_TEMPLATE."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        return list(self.tokenizer.encode(default_chat_text(messages), add_special_tokens=True))
+        """Chat messages → prompt ids with the tokenizer's template, or DEFAULT_CHAT_TEMPLATE; the
+        same function training tokenizes chat prompts with (one BOS, however the template is written)."""
+        return chat_prompt_ids(self.tokenizer, messages, 10**9)  # no cut: check_generation counts the tokens
 
     def check_generation(self, prompt_ids: list[int], max_tokens: int) -> None:
         if self.task != "causal-lm":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ def encode_lm(examples: Sequence[LMExample], tokenizer, max_length: int, source:
     encoded = []
     for ex in examples:
         fit.examples += 1
-        prompt = encode_text(tokenizer, ex.prompt, max_length, special=True) if ex.prompt else _bos(tokenizer)
+        prompt = prompt_ids(tokenizer, ex.prompt, max_length, ex.special_tokens) if ex.prompt else _bos(tokenizer)
         answer = [*encode_text(tokenizer, ex.completion, max_length, special=False), tokenizer.eos_token_id]
         ids = (prompt + answer)[:max_length]
         labels = ([IGNORE] * len(prompt) + answer)[:max_length]
@@ -83,6 +84,31 @@ def encode_lm(examples: Sequence[LMExample], tokenizer, max_length: int, source:
     if not encoded:
         raise DataError(f"{source}: no example has answer tokens within max_length={max_length}")
     return encoded
+
+
+def prompt_ids(tokenizer, text: str, max_length: int, special: bool = True) -> list[int]:
+    """A prompt's token ids, as training and serving both see it. ``special=False`` for text a chat
+    template rendered: the template writes its special tokens itself, as transformers assumes. A
+    double BOS at the start (a tokenizer that adds one before a template's ``{{ bos_token }}``) is
+    always cut to one."""
+    ids = encode_text(tokenizer, text, max_length, special=special)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+        return ids[1:]
+    return ids
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, Any]], max_length: int) -> list[int]:
+    """The prompt of a chat (the generation prompt for the assistant's turn), rendered with the
+    tokenizer's template or lorakit's default; what the server feeds the model, and what training's
+    chat prompts are."""
+    from lorakit.train.data import DEFAULT_CHAT_TEMPLATE
+
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return prompt_ids(tokenizer, text, max_length, special=False)
+    text = "".join(DEFAULT_CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages)
+    return prompt_ids(tokenizer, text + "<|assistant|>\n", max_length)
 
 
 def _bos(tokenizer) -> list[int]:

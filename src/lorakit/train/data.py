@@ -200,6 +200,9 @@ class LMExample:
 
     prompt: str
     completion: str
+    # False for a prompt a chat template rendered: the template writes every special token itself
+    # (transformers tokenizes it so too), and the tokenizer must not add another BOS.
+    special_tokens: bool = True
 
 
 def lm_examples(rows: list[dict[str, Any]], source: str, tokenizer: Any = None) -> list[LMExample]:
@@ -247,6 +250,6 @@ def _chat_example(messages: Any, where: str, tokenizer: Any) -> LMExample:
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt):
             raise DataError(f"{where}: the tokenizer's chat template does not extend the prompt with the answer")
-        return LMExample(prompt, full[len(prompt):])
+        return LMExample(prompt, full[len(prompt):], special_tokens=False)
     prompt = "".join(DEFAULT_CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in history)
     return LMExample(prompt + "<|assistant|>\n", answer + "\n")
