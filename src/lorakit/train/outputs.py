@@ -131,23 +131,29 @@ class RunOutputs:
         losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
         metrics = [(r["step"], r[metric_name]) for r in records if metric_name in r]
         general_key = next((k for k in GENERAL_CURVES if any(k in r for r in records)), None)
-        if general_key is None:
-            fig, left = plt.subplots(figsize=(7, 4))
-        else:  # a second panel: learning (above) against forgetting (below), on the same steps
-            fig, (left, below) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+        rates = [(r["step"], r["lr"]) for r in records if "lr" in r]
+        # above: learning (training loss, the evaluation metric); below: the lr schedule and forgetting
+        fig, (left, below) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+        if rates:
+            below.plot(*zip(*rates, strict=True), color="tab:grey", lw=1, ls="--")
+        below.set_ylabel("learning rate", color="tab:grey")
+        below.set_xlabel("step")
+        if general_key is not None:
             general = [(r["step"], r[general_key]) for r in records if general_key in r]
-            below.plot(*zip(*general, strict=True), color="tab:green", marker="o")
-            below.set_ylabel(GENERAL_CURVES[general_key], color="tab:green")
-            below.set_xlabel("step")
+            forgetting = below.twinx()
+            forgetting.plot(*zip(*general, strict=True), color="tab:green", marker="o")
+            forgetting.set_ylabel(GENERAL_CURVES[general_key], color="tab:green")
         if losses:
             left.plot(*zip(*losses, strict=True), color="tab:blue", lw=1, label="training loss")
-        if general_key is None:
-            left.set_xlabel("step")
         left.set_ylabel("training loss", color="tab:blue")
         if metrics:
             right = left.twinx()
             right.plot(*zip(*metrics, strict=True), color="tab:red", marker="o", label=f"eval {metric_name}")
-            right.set_ylabel(f"eval {metric_name}", color="tab:red")
+            if metric_name == "perplexity":  # on a log scale its curve is the eval loss's
+                right.set_yscale("log")
+                right.set_ylabel("eval perplexity (log scale: eval loss)", color="tab:red")
+            else:
+                right.set_ylabel(f"eval {metric_name}", color="tab:red")
         fig.tight_layout()
         write_atomically(self.folder / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
