@@ -341,3 +341,18 @@ def test_chat_is_tokenized_alike_in_training_and_serving_with_one_bos():
     served = B.chat_prompt_ids(tokenizer, history, 64)  # what lorakit serve feeds the model
     assert prompt == served
     assert served.count(tokenizer.bos_token_id) == 1 and served[0] == tokenizer.bos_token_id
+
+
+def test_train_help_groups_its_options_and_describes_every_one(capsys):
+    from dataclasses import fields
+
+    from lorakit.train.config import TrainConfig, _comment_help, _groups
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for title in ("model and data:", "the adapter:", "optimisation:", "evaluation and checkpoints:", "run:"):
+        assert f"\n{title}\n" in text
+    described = _comment_help()
+    assert [f.name for f in fields(TrainConfig) if not described.get(f.name)] == []
+    assert set(_groups()) == {f.name for f in fields(TrainConfig)}

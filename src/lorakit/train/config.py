@@ -22,54 +22,55 @@ SCHEDULERS = ("constant", "linear", "cosine")
 
 @dataclass
 class TrainConfig:
-    # what to train
+    # model and data
     model: str = "default"  # a local HF model folder, "default" (the shipped MiniLM), or "random:llama,hidden=64,..."
     data: str = "default"  # CSV/TSV/JSONL; "default" = the shipped drug-review training set
     eval_data: str | None = None  # held-out file; None: the default test set, or a split of --data
     task: str = "classify"  # classify | causal-lm
     text_column: str | None = None  # classify: guessed from text/sentence/review/... when unset
     label_column: str | None = None  # classify: guessed from label/rating/sentiment/... when unset
-    # the adapter
-    method: str = "lora"  # lora | lora-fa | vera | dora | delta-lora | full (baseline) | head (baseline)
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0  # on the adapter's input; PEFT's default (0.05 cost accuracy: BENCHMARKS.md §9)
-    targets: str = "query,value,q_proj,v_proj,c_attn"  # comma list, a regex, or all-linear
-    rslora: bool = False
-    init: str = "default"  # default | gaussian | pissa | gradient-svd
-    init_batches: int = 4  # gradient-svd: training batches whose gradient sets the factors
-    loraplus_ratio: float | None = None  # LoRA+: lr of B = ratio × lr of A (16 in the paper)
-    delta_c: float = 2.0  # Delta-LoRA update ratio c
-    delta_start: int = 500  # Delta-LoRA: W starts moving at this step
-    quantize: str = "none"  # none | nf4 | int8: the frozen base through bitsandbytes (QLoRA)
-    # the loop
-    epochs: int = 3
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    scheduler: str = "constant"  # constant | linear | cosine: the lr after warmup (linear, cosine: decay to 0)
-    warmup_ratio: float = 0.06  # share of the steps over which the lr rises linearly to --lr
-    max_grad_norm: float = 1.0
     max_length: int = 512  # tokens kept per example (at most the tokenizer's limit); 128 cut 4 in 10 drug reviews
     max_drop: float = 0.05  # causal-lm: refuse to run when more than this share of examples has no room for an answer
-    bf16: str = "auto"  # auto (on where the hardware runs it fast) | on | off
-    gradient_checkpointing: bool = False
-    eval_every: int | None = None  # steps; None: once per epoch
     eval_split: float = 0.1  # share of --data held out when there is no eval set
+    quantize: str = "none"  # none | nf4 | int8: the frozen base through bitsandbytes (QLoRA)
+    # the adapter
+    method: str = "lora"  # lora | lora-fa | vera | dora | delta-lora | full (baseline) | head (baseline)
+    rank: int = 8  # r: the rank of the update B·A
+    alpha: float = 16.0  # the update is scaled by alpha / rank (alpha / √rank with --rslora)
+    dropout: float = 0.0  # on the adapter's input; PEFT's default (0.05 cost accuracy: BENCHMARKS.md §9)
+    targets: str = "query,value,q_proj,v_proj,c_attn"  # comma list, a regex, or all-linear
+    rslora: bool = False  # scale by alpha / √rank (rsLoRA), so larger ranks keep learning
+    init: str = "default"  # default | gaussian | pissa | gradient-svd
+    init_batches: int = 4  # gradient-svd: training batches whose gradient sets the factors
+    delta_c: float = 2.0  # Delta-LoRA update ratio c
+    delta_start: int = 500  # Delta-LoRA: W starts moving at this step
+    # optimisation
+    epochs: int = 3  # passes over the training data
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16  # examples per optimizer step
+    grad_accum: int = 1  # micro-batches the step's batch is cut into (same update, less memory)
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    loraplus_ratio: float | None = None  # LoRA+: lr of B = ratio × lr of A (16 in the paper)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    scheduler: str = "constant"  # constant | linear | cosine: the lr after warmup (linear, cosine: decay to 0)
+    warmup_ratio: float = 0.06  # share of the steps over which the lr rises linearly to --lr
+    max_grad_norm: float = 1.0  # gradient clipping; 0: off
+    bf16: str = "auto"  # auto (on where the hardware runs it fast) | on | off
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    seed: int = 0  # data order, heads, random bases and inits
+    # evaluation and checkpoints
+    eval_every: int | None = None  # steps; None: once per epoch
     select: str = "last"  # last | best (highest accuracy / lowest perplexity): the evaluation whose adapter is saved
     early_stopping: int | None = None  # stop after this many evaluations without improvement (see --select)
     save_every: int | None = None  # checkpoint interval in steps; None: at every evaluation
     keep_last: int = 2  # checkpoints kept
-    seed: int = 0
-    threads: int = 0  # torch CPU threads; 0: torch's default (one per core)
-    out: str = "runs/train"
-    resume: bool = False
-    quiet: bool = False
-    # forgetting on general text
     general_data: str | None = None  # .txt (blank-line separated) or .jsonl passages; None: the shipped sample
     general_samples: int = 32  # general-text passages measured before training and at each evaluation; 0: off
+    # run
+    out: str = "runs/train"  # the run folder: adapter, config.yaml, metrics.jsonl, curves.png, summary.json
+    resume: bool = False  # continue the run in --out from its last checkpoint
+    threads: int = 0  # torch CPU threads; 0: torch's default (one per core)
+    quiet: bool = False  # no progress bar or evaluation lines
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -131,14 +132,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; defaults stay None so the YAML file can fill them."""
     parser.add_argument("--config", help="YAML file of settings; flags override it")
     comments = _comment_help()
+    groups = _groups()
+    made: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
+        title = groups.get(f.name, "options")
+        group = made.get(title) or made.setdefault(title, parser.add_argument_group(title))
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         text = f"{comments.get(f.name, '')} (default: {default})"
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=_parser_for(f.type), default=None, help=text, metavar=f.name.upper())
+            group.add_argument(flag, type=_parser_for(f.type), default=None, help=text, metavar=f.name.upper())
+
+
+def _groups() -> dict[str, str]:
+    """Each field's section in TrainConfig (its "# section" comment lines), the --help groups."""
+    import inspect
+    import re
+
+    found, title = {}, "options"
+    for line in inspect.getsource(TrainConfig).splitlines():
+        section = re.match(r"^    # (.+)$", line)
+        if section:
+            title = section.group(1)
+        field = re.match(r"^    (\w+): ", line)
+        if field:
+            found[field.group(1)] = title
+    return found
 
 
 def _parser_for(annotation: str):
