@@ -111,7 +111,7 @@ def test_cuda_forward_merge_and_unmerge_match_the_cpu(case):
 
 
 def test_bf16_base_on_cuda_unmerges_bit_exactly():
-    """A bf16 merge rounds W + ΔW; un-merging must give back the very bits of W (PITFALLS)."""
+    """A bf16 merge rounds W + ΔW; un-merging must give back the very bits of W."""
     am = adapted("lora").to(CUDA)
     am.model.to(torch.bfloat16)
     before = {k: v.clone() for k, v in am.model.state_dict().items() if v.dtype == torch.bfloat16}

@@ -103,7 +103,7 @@ def test_nan_weights_are_refused(base, saved):
 
 
 def test_names_matching_nothing_are_an_error_not_a_silent_base(base, saved):
-    """PITFALLS: an adapter whose module names match nothing must not load as the bare base."""
+    """An adapter whose module names match nothing must not load as the bare base."""
     config = json.loads((saved / "adapter_config.json").read_text())
     config["target_modules"] = ["query", "value"]  # a BERT adapter's names on a Llama
     (saved / "adapter_config.json").write_text(json.dumps(config))

@@ -2,7 +2,7 @@
 
 The folder loads with plain transformers and no lorakit. Before writing, the merged model is
 compared with the adapted one on a few inputs and the largest logit difference is reported
-(PITFALLS.md: merges that silently behave differently). Merging is done in float32 and
+(merges elsewhere have silently behaved differently from the adapter). Merging is done in float32 and
 rounded once to the model's dtype. An adapter trained on a 4-bit/8-bit base (QLoRA) is merged
 into the full-precision base; the report says so and how far that is from the quantised model.
 """

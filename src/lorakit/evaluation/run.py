@@ -109,7 +109,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             section["constituent_alone"] = report["candidates"][constituent]["task"]["adapted"]
     shipped = COMBINED if options.combine else candidates[0]
     report = {
-        **{k: v for k, v in report["candidates"][shipped].items()},
+        **report["candidates"][shipped],
         "shipped": shipped,
         "model": model_spec, "task_kind": task,
         "adapters": {s.name: str(s.folder) for s in sources},

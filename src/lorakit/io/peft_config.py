@@ -3,7 +3,7 @@
 PEFT spells fields its own way (``r``, ``lora_alpha``, ``use_dora``) and writes many keys for
 features lorakit does not have. Policy for keys lorakit does not know: a key left at its
 default value is ignored with a note; any other value is an error, because ignoring it would
-change the result (PITFALLS.md, "Loading").
+change the result (a config written by a newer tool must not load as something else).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     h = W x + s · B A x,   A (r, in), B (out, r), s = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
 Two optional frozen low-rank terms describe weights that moved away from the original base,
-so that nothing lorakit does leaves the base changed for other adapters (DESIGN.md):
+so that nothing lorakit does leaves the base changed for other adapters loaded after it:
 
 - ``offset``: part of the forward. PiSSA / gradient-SVD inits subtract their initial update
   here (h = W x + s·B A x − s·B0 A0 x) instead of editing W, so the model is unchanged at

@@ -53,15 +53,24 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            row["_line"] = number
-            rows.append(row)
+            row = _parse_json(line, path, number)
+            rows.append(_json_object(row, f"{path}:{number}: each line", number))
     return rows
+
+
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    """JSON, or a DataError at the file's line (``line``, else the parser's) and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{line or exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+
+
+def _json_object(row: Any, what: str, where: int | str) -> dict[str, Any]:
+    """A row that must be a JSON object, marked with where it came from for later errors."""
+    if not isinstance(row, dict):
+        raise DataError(f"{what} must be a JSON object, got {type(row).__name__}")
+    return {**row, "_line": where}
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -72,19 +81,10 @@ def _starts_with_array(path: Path) -> bool:
 
 def _read_json_array(path: Path) -> list[dict[str, Any]]:
     """A .json file holding one array of objects (a common export), read whole; rows know their index."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+    data = _parse_json(path.read_text(encoding="utf-8"), path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected an array of objects, or JSON Lines (one object per line)")
-    rows = []
-    for number, row in enumerate(data, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: item {number} of the array must be a JSON object, got {type(row).__name__}")
-        rows.append({**row, "_line": f"item {number}"})
-    return rows
+    return [_json_object(row, f"{path}: item {n} of the array", f"item {n}") for n, row in enumerate(data, start=1)]
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:

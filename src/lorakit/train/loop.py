@@ -217,9 +217,10 @@ class Trainer:
             with self.autocast:
                 if batch["labels"].dim() == 1:
                     out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+                    chosen = out.logits.argmax(-1)
+                    correct += (chosen == batch["labels"]).sum().item()
                     units += batch["labels"].numel()
-                    predicted += out.logits.argmax(-1).tolist()
+                    predicted += chosen.tolist()
                 else:
                     s, n = batch_loss(self.model, batch)
                     loss_sum += s.item()
