@@ -121,7 +121,10 @@ def test_early_stopping_counts_from_the_best_evaluation_under_select_last(tmp_pa
 
 
 def test_max_length_is_capped_at_the_tokenizers_limit():
-    from lorakit.train.setup import max_length
+    from lorakit.train.batches import choose_length
+
+    def max_length(config, tokenizer):
+        return choose_length([10, 20], config.max_length, tokenizer).tokens
 
     class Limited:
         model_max_length = 64
@@ -129,10 +132,10 @@ def test_max_length_is_capped_at_the_tokenizers_limit():
     class Unlimited:
         model_max_length = int(1e30)
 
-    assert max_length(TrainConfig(), Limited()) == 64
+    assert max_length(TrainConfig(max_length=512), Limited()) == 64
     assert max_length(TrainConfig(max_length=32), Limited()) == 32
-    assert max_length(TrainConfig(), Unlimited()) == 512
-    assert max_length(TrainConfig(), object()) == 512
+    assert max_length(TrainConfig(max_length=512), Unlimited()) == 512
+    assert max_length(TrainConfig(max_length=512), object()) == 512
 
 
 def test_train_help_lists_the_new_flags(capsys):

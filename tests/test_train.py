@@ -356,3 +356,32 @@ def test_train_help_groups_its_options_and_describes_every_one(capsys):
     described = _comment_help()
     assert [f.name for f in fields(TrainConfig) if not described.get(f.name)] == []
     assert set(_groups()) == {f.name for f in fields(TrainConfig)}
+
+
+def test_log_tensorboard_writes_the_metrics_as_event_files(tmp_path, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = small(out, *data, "--log", "tensorboard", "--general-samples", "0")
+    assert run(*args) == 0
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("train/loss")] == losses
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [r["step"] for r in rows if "accuracy" in r]
+    assert {"train/lr", "train/loss", "eval/accuracy"} <= set(events.Tags()["scalars"])
+
+
+def test_log_without_tensorboard_installed_is_refused_before_anything_is_written(tmp_path, data, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_tensorboard)
+    refused(tmp_path, capsys, small(tmp_path / "never", *data, "--log", "tensorboard"),
+            "pip install 'lorakit[tensorboard]'")

@@ -77,6 +77,7 @@ class Context:
     options: EvalOptions
     passes: int = 0  # forward passes over examples, for the cost line
     untrained_head: bool = False  # the base has no trained classification head: the adapter brings it
+    chat_template: str | None = None  # whose template chats are read with (causal LMs)
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     report = {
         **report["candidates"][shipped],
         "shipped": shipped,
-        "model": model_spec, "task_kind": task,
+        "model": model_spec, "task_kind": task, "chat_template": ctx.chat_template,
         "adapters": {s.name: str(s.folder) for s in sources},
         "combination": {"type": options.combine, "weights": options.weights} if options.combine else None,
         "candidates": report["candidates"],
@@ -123,6 +124,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
 
 def _load(model_spec: str, task: str, sources: list[AdapterSource], options: EvalOptions) -> Context:
     from lorakit.merge_export import head_labels, load_base_for
+    from lorakit.train.chat import use_adapter_templates
     from lorakit.train.loop import autocast_for
     from lorakit.train.models import load_model, load_tokenizer, resolve_model_dir
 
@@ -148,6 +150,8 @@ def _load(model_spec: str, task: str, sources: list[AdapterSource], options: Eva
 
         base = quantize_model(base, quantize)
     tokenizer = load_tokenizer(model_spec)
+    template = "from the adapter" if use_adapter_templates(tokenizer, [s.folder for s in sources]) else (
+        "the tokenizer's" if getattr(tokenizer, "chat_template", None) else "lorakit's default")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = pad_id
@@ -162,7 +166,7 @@ def _load(model_spec: str, task: str, sources: list[AdapterSource], options: Eva
     untrained = task == "classify" and head_labels(sources[0].file) is not None and not any(
         a.endswith("ForSequenceClassification") for a in architectures)
     return Context(model, tokenizer, task, device, pad_id, autocast_for(options.bf16, device), options,
-                   untrained_head=untrained)
+                   untrained_head=untrained, chat_template=template if task == "causal-lm" else None)
 
 
 def _reading(ctx: Context, sources: list[AdapterSource]) -> Reading:

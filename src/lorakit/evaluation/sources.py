@@ -186,7 +186,7 @@ def _lm_set(spec: str, reading: Reading) -> EvalSet:
     if spec == DEFAULT_DATA:
         raise DataError("the embedded default data is a classification set; give --data for a causal-lm adapter")
     rows, source = _rows(spec, reading)
-    examples = lm_examples(rows, source, reading.tokenizer)
+    examples = lm_examples(rows, source, reading.tokenizer, turns="last")  # exact match: the final answer
     kept = EvalSet(source, "causal-lm", [], [], [])
     for example in examples:
         try:

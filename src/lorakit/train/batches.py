@@ -7,12 +7,14 @@ uninterrupted run would, and every distributed rank knows the whole global batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lorakit.train import chat
 from lorakit.train.data import ClassifyData, DataError, LMExample
 
 IGNORE = -100  # label id that the loss skips
@@ -56,34 +58,111 @@ class Fit:
         return {"examples": self.examples, "dropped": self.dropped, "truncated": self.truncated}
 
 
+# --max-length chosen from the data: the length this share of the training examples fits in
+# whole, so one outlier does not set the memory every batch may need, and at most LONGEST_CHOSEN.
+CHOSEN_PERCENTILE = 99
+LONGEST_CHOSEN = 2048
+UNCUT = 1 << 20  # "no limit" when encoding examples to measure them
+
+
+@dataclass(frozen=True)
+class LengthChoice:
+    """The --max-length a run used and where it came from (printed, and kept in summary.json)."""
+
+    tokens: int
+    chosen_from_data: bool
+    longest: int  # the longest training example, in tokens
+    fitting: float  # the share of training examples that fit whole
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "from": "the data" if self.chosen_from_data else "--max-length",
+                "longest": self.longest, "fitting": round(self.fitting, 4)}
+
+    def line(self) -> str:
+        share = f"{100 * self.fitting:.1f}% of training examples fit whole; the longest has {self.longest} tokens"
+        if self.chosen_from_data:
+            return (f"max length {self.tokens} tokens, chosen from the data ({share}); set --max-length to choose "
+                    "another")
+        return f"max length {self.tokens} tokens (--max-length; {share})"
+
+
+def choose_length(lengths: Sequence[int], given: int | None, tokenizer) -> LengthChoice:
+    """``given`` (capped at the tokenizer's limit), or the length the CHOSEN_PERCENTILE-th percentile
+    of the training examples needs, capped at LONGEST_CHOSEN and the tokenizer's limit."""
+    ordered = sorted(lengths)
+    if given is not None:
+        tokens = token_limit(given, tokenizer)
+    else:
+        rank = max(0, math.ceil(CHOSEN_PERCENTILE / 100 * len(ordered)) - 1)  # nearest rank
+        tokens = token_limit(min(max(ordered[rank], 2), LONGEST_CHOSEN), tokenizer)
+    fitting = sum(n <= tokens for n in ordered) / len(ordered)
+    return LengthChoice(tokens, given is None, ordered[-1], fitting)
+
+
 def encode_classification(data: ClassifyData, tokenizer, max_length: int, fit: Fit | None = None) -> list[Encoded]:
-    encoded = [Encoded(encode_text(tokenizer, t, max_length), label) for t, label in zip(data.texts, data.labels,
-                                                                                           strict=True)]
-    if fit is not None:  # a text that reaches the limit was (almost always) cut there
+    return fit_classification(encode_classification_uncut(data, tokenizer), data, tokenizer, max_length, fit)
+
+
+def encode_classification_uncut(data: ClassifyData, tokenizer) -> list[Encoded]:
+    return [Encoded(encode_text(tokenizer, t, UNCUT), label) for t, label in zip(data.texts, data.labels, strict=True)]
+
+
+def fit_classification(encoded: list[Encoded], data: ClassifyData, tokenizer, max_length: int,
+                       fit: Fit | None = None) -> list[Encoded]:
+    """Texts longer than ``max_length`` encoded again at that limit (the tokenizer keeps its closing
+    special tokens, which cutting the ids would lose); counted in ``fit``."""
+    cut = [i for i, e in enumerate(encoded) if len(e.input_ids) > max_length]
+    if fit is not None:
         fit.examples += len(encoded)
-        fit.truncated += sum(len(e.input_ids) >= max_length for e in encoded)
+        fit.truncated += len(cut)
+    encoded = list(encoded)
+    for i in cut:
+        encoded[i] = Encoded(encode_text(tokenizer, data.texts[i], max_length), data.labels[i])
     return encoded
 
 
 def encode_lm(examples: Sequence[LMExample], tokenizer, max_length: int, source: str,
               fit: Fit | None = None) -> list[Encoded]:
-    """Prompt tokens carry no loss; completion tokens (and the end-of-sequence token) do."""
+    """Context tokens carry no loss; answer tokens (and the end-of-sequence token) do."""
+    return fit_lm(encode_lm_uncut(examples, tokenizer), max_length, source, fit)
+
+
+def encode_lm_uncut(examples: Sequence[LMExample], tokenizer) -> list[Encoded]:
+    return [_encode_example(ex, tokenizer) for ex in examples]
+
+
+def _encode_example(example: LMExample, tokenizer) -> Encoded:
+    ids: list[int] = []
+    labels: list[int] = []
+    last = len(example.pieces) - 1
+    for k, piece in enumerate(example.pieces):
+        if k == 0:
+            part = prompt_ids(tokenizer, piece.text, UNCUT, example.special_tokens) if piece.text else _bos(tokenizer)
+        else:
+            part = encode_text(tokenizer, piece.text, UNCUT, special=False)
+        closed_by_template = not example.special_tokens and tokenizer.eos_token_id in part
+        if k == last and not closed_by_template:
+            part = [*part, tokenizer.eos_token_id]  # the model is taught to stop
+        ids += part
+        labels += part if piece.answer else [IGNORE] * len(part)
+    return Encoded(ids, labels)
+
+
+def fit_lm(encoded: Sequence[Encoded], max_length: int, source: str, fit: Fit | None = None) -> list[Encoded]:
+    """Examples cut at ``max_length``; those left with no answer token are dropped. Both counted in ``fit``."""
     fit = fit if fit is not None else Fit()
-    encoded = []
-    for ex in examples:
+    kept = []
+    for example in encoded:
         fit.examples += 1
-        prompt = prompt_ids(tokenizer, ex.prompt, max_length, ex.special_tokens) if ex.prompt else _bos(tokenizer)
-        answer = [*encode_text(tokenizer, ex.completion, max_length, special=False), tokenizer.eos_token_id]
-        ids = (prompt + answer)[:max_length]
-        labels = ([IGNORE] * len(prompt) + answer)[:max_length]
+        labels = example.labels[:max_length]
         if all(label == IGNORE for label in labels[1:]):
             fit.dropped += 1  # the prompt alone fills max_length: nothing to learn from this example
             continue
-        fit.truncated += len(prompt) + len(answer) > max_length
-        encoded.append(Encoded(ids, labels))
-    if not encoded:
+        fit.truncated += len(example.input_ids) > max_length
+        kept.append(Encoded(example.input_ids[:max_length], labels))
+    if not kept:
         raise DataError(f"{source}: no example has answer tokens within max_length={max_length}")
-    return encoded
+    return kept
 
 
 def prompt_ids(tokenizer, text: str, max_length: int, special: bool = True) -> list[int]:
@@ -100,15 +179,14 @@ def prompt_ids(tokenizer, text: str, max_length: int, special: bool = True) -> l
 
 def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, Any]], max_length: int) -> list[int]:
     """The prompt of a chat (the generation prompt for the assistant's turn), rendered with the
-    tokenizer's template or lorakit's default; what the server feeds the model, and what training's
-    chat prompts are."""
-    from lorakit.train.data import DEFAULT_CHAT_TEMPLATE
-
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return prompt_ids(tokenizer, text, max_length, special=False)
-    text = "".join(DEFAULT_CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages)
-    return prompt_ids(tokenizer, text + "<|assistant|>\n", max_length)
+    tokenizer's template or lorakit's default and tokenized piece by piece exactly as training
+    tokenizes its chat examples (:mod:`lorakit.train.chat`); what the server feeds the model."""
+    special = not chat.has_template(tokenizer)
+    ids: list[int] = []
+    for k, piece in enumerate(chat.prompt_pieces(tokenizer, messages)):
+        ids += (prompt_ids(tokenizer, piece.text, UNCUT, special) if k == 0
+                else encode_text(tokenizer, piece.text, UNCUT, special=False))
+    return ids[:max_length]
 
 
 def _bos(tokenizer) -> list[int]:

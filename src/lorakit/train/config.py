@@ -29,9 +29,11 @@ class TrainConfig:
     task: str = "classify"  # classify | causal-lm
     text_column: str | None = None  # classify: guessed from text/sentence/review/... when unset
     label_column: str | None = None  # classify: guessed from label/rating/sentiment/... when unset
-    max_length: int = 512  # tokens kept per example (at most the tokenizer's limit); 128 cut 4 in 10 drug reviews
+    max_length: int | None = None  # tokens kept per example; unset: what 99% of the training examples need, ≤ 2048
     max_drop: float = 0.05  # causal-lm: refuse to run when more than this share of examples has no room for an answer
     eval_split: float = 0.1  # share of --data held out when there is no eval set
+    chat_turns: str = "all"  # chat data: the loss covers every assistant turn (all) or only the last one (last)
+    chat_template: str | None = None  # a Jinja file replacing the tokenizer's chat template (saved with the adapter)
     quantize: str = "none"  # none | nf4 | int8: the frozen base through bitsandbytes (QLoRA)
     # the adapter
     method: str = "lora"  # lora | lora-fa | vera | dora | delta-lora | full (baseline) | head (baseline)
@@ -69,6 +71,7 @@ class TrainConfig:
     # run
     out: str = "runs/train"  # the run folder: adapter, config.yaml, metrics.jsonl, curves.png, summary.json
     resume: bool = False  # continue the run in --out from its last checkpoint
+    log: str = "none"  # none | tensorboard: also write TensorBoard event files to the run folder's tensorboard/
     threads: int = 0  # torch CPU threads; 0: torch's default (one per core)
     quiet: bool = False  # no progress bar or evaluation lines
 
@@ -98,6 +101,16 @@ class TrainConfig:
             raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("--warmup-ratio must be at least 0 and below 1")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError("--max-length must be at least 2 tokens")
+        if self.log not in ("none", "tensorboard"):
+            raise ConfigError(f"--log must be none or tensorboard, got {self.log!r}")
+        if self.log == "tensorboard":
+            from lorakit.train.tensorboard_log import check_available
+
+            check_available()
+        if self.chat_turns not in ("all", "last"):
+            raise ConfigError(f"--chat-turns must be all or last, got {self.chat_turns!r}")
         if not 0 <= self.max_drop <= 1:
             raise ConfigError("--max-drop must be between 0 and 1")
         if not 0 < self.eval_split < 1:
@@ -139,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = made.get(title) or made.setdefault(title, parser.add_argument_group(title))
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        text = f"{comments.get(f.name, '')} (default: {default})"
+        text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.train import chat
+from lorakit.train.chat import Piece
 
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
 LABEL_COLUMNS = ("label", "labels", "rating", "sentiment", "class")
-DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"  # used when the tokenizer has no chat template
 
 
 class DataError(LorakitError, ValueError):
@@ -196,28 +197,44 @@ def _label_sort_key(label: str) -> tuple[int, float | str]:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LMExample:
-    """A prompt that is context (no loss) and a completion the loss covers."""
+    """Text pieces in order: context carries no loss, answers do (one answer, or every assistant
+    turn of a multi-turn chat)."""
 
-    prompt: str
-    completion: str
-    # False for a prompt a chat template rendered: the template writes every special token itself
+    pieces: tuple[Piece, ...]
+    # False for text a chat template rendered: the template writes every special token itself
     # (transformers tokenizes it so too), and the tokenizer must not add another BOS.
     special_tokens: bool = True
 
+    @classmethod
+    def of(cls, prompt: str, completion: str) -> LMExample:
+        return cls((Piece(prompt), Piece(completion, answer=True)))
 
-def lm_examples(rows: list[dict[str, Any]], source: str, tokenizer: Any = None) -> list[LMExample]:
-    """Recognise the common JSONL shapes: text; prompt/completion; Alpaca; chat messages."""
+    @property
+    def prompt(self) -> str:
+        """Everything before the last answer."""
+        return "".join(p.text for p in self.pieces[:-1])
+
+    @property
+    def completion(self) -> str:
+        """The last answer: what the model should say after :attr:`prompt`."""
+        return self.pieces[-1].text
+
+
+def lm_examples(rows: list[dict[str, Any]], source: str, tokenizer: Any = None, turns: str = "all"
+                ) -> list[LMExample]:
+    """Recognise the common JSONL shapes: text; prompt/completion; Alpaca; chat messages (whose
+    assistant turns all carry the loss, or only the last with ``turns="last"``)."""
     examples = []
     for row in rows:
         where = f"{source}:{row.get('_line', '?')}"
         if "messages" in row:
-            examples.append(_chat_example(row["messages"], where, tokenizer))
+            examples.append(_chat_example(row["messages"], where, tokenizer, turns))
         elif "instruction" in row and "output" in row:
             examples.append(_alpaca_example(row))
         elif "prompt" in row and "completion" in row:
-            examples.append(LMExample(str(row["prompt"]), str(row["completion"])))
+            examples.append(LMExample.of(str(row["prompt"]), str(row["completion"])))
         elif "text" in row:
-            examples.append(LMExample("", str(row["text"])))
+            examples.append(LMExample.of("", str(row["text"])))
         else:
             keys = ", ".join(k for k in row if k != "_line")
             raise DataError(
@@ -232,11 +249,11 @@ def _alpaca_example(row: dict[str, Any]) -> LMExample:
     prompt = f"### Instruction:\n{instruction}\n\n"
     if context:
         prompt += f"### Input:\n{context}\n\n"
-    return LMExample(prompt + "### Response:\n", str(row["output"]))
+    return LMExample.of(prompt + "### Response:\n", str(row["output"]))
 
 
-def _chat_example(messages: Any, where: str, tokenizer: Any) -> LMExample:
-    """Everything up to the last assistant turn is the prompt; that turn is the completion."""
+def _chat_example(messages: Any, where: str, tokenizer: Any, turns: str) -> LMExample:
+    """The conversation cut at its assistant turns, read as the server reads a chat (lorakit.train.chat)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for m in messages:
@@ -244,12 +261,9 @@ def _chat_example(messages: Any, where: str, tokenizer: Any) -> LMExample:
             raise DataError(f"{where}: each message needs 'role' and 'content'")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's answer to train on")
-    history, answer = messages[:-1], str(messages[-1]["content"])
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise DataError(f"{where}: the tokenizer's chat template does not extend the prompt with the answer")
-        return LMExample(prompt, full[len(prompt):], special_tokens=False)
-    prompt = "".join(DEFAULT_CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in history)
-    return LMExample(prompt + "<|assistant|>\n", answer + "\n")
+    try:
+        pieces = chat.conversation_pieces(tokenizer, messages, turns)
+    except chat.TemplateError as exc:
+        raise DataError(f"{where}: {exc}") from exc
+    # lorakit's default template is plain text: the tokenizer adds its special tokens as for any prompt
+    return LMExample(tuple(pieces), special_tokens=not chat.has_template(tokenizer))

@@ -37,7 +37,7 @@ class GeneralTracker:
         if self.enabled:  # read now, so a bad --general-data fails before the run writes anything
             passages = read_passages(config.general_data) if config.general_data else shipped_passages()
         self.passages = passages[:config.general_samples]
-        self.max_length = config.max_length
+        self.max_length = prepared.length.tokens
         self.prepared = prepared
         self.device = device
         self.autocast = autocast

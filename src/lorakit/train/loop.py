@@ -29,7 +29,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import Distributed
 from lorakit.train.general import GeneralTracker
 from lorakit.train.outputs import RunOutputs
-from lorakit.train.setup import Prepared, max_length, prepare
+from lorakit.train.setup import Prepared, prepare
 
 log = logging.getLogger("lorakit")
 
@@ -71,8 +71,11 @@ class Trainer:
         self.dist = Distributed.from_env()
         torch.manual_seed(config.seed)
         self.prepared: Prepared = prepare(config)  # every input check happens here, before any write
+        # config.yaml records the length examples were cut at, chosen from the data or given, so
+        # `lorakit eval` and a resumed run (which chooses it again from the same data) use it too
+        config.max_length = self.prepared.length.tokens
         self.outputs = RunOutputs(Path(config.out), enabled=self.dist.is_main)
-        self.outputs.max_length_used = max_length(config, self.prepared.tokenizer)
+        self.outputs.max_length_used = self.prepared.length.tokens
         self.outputs.check_fresh_or_resume(config.resume)
         self.device = self.dist.device
         self.model = self.prepared.model.to(self.device)
@@ -140,6 +143,8 @@ class Trainer:
         config = self.config
         resumed = self._maybe_resume()
         self.outputs.start(config, resumed_step=self.state["step"] if resumed else None)
+        if not resumed:
+            self.outputs.progress_note(self.prepared.length.line(), config.quiet)
         reference = self.general.start(self.state)  # general text before training (kept in the state)
         if self.state["metric_before"] is None:
             self.state["metric_before"] = self.evaluate()
@@ -331,6 +336,7 @@ class Trainer:
             "general": self.general.summary(self.state),
         }
         summary["data"] = {part: fit.as_dict() for part, fit in self.prepared.fit.items()}
+        summary["max_length"] = self.prepared.length.as_dict()
         summary["warnings"] = self._symptoms(summary)
         if self.dist.is_main:
             summary["adapter_bytes"] = self.outputs.save_model(self.prepared, self.config)
@@ -342,7 +348,8 @@ class Trainer:
 
 # Settings a resumed run may change: how long it runs and what it reports, not what it computes.
 SAFE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_every", "save_every", "keep_last", "early_stopping",
-                            "threads", "quiet", "out", "resume", "select", "general_data", "general_samples", "bf16"})
+                            "threads", "quiet", "out", "resume", "select", "general_data", "general_samples", "bf16",
+                            "log"})
 # Values checkpoints written before a setting existed were trained with.
 BEFORE_IT_EXISTED = {"scheduler": "cosine", "warmup_ratio": 0.06, "select": "best"}
 

@@ -36,6 +36,7 @@ class RunOutputs:
         self.metrics_path = folder / "metrics.jsonl"
         self.adapter_dir = folder / "adapter"
         self.max_length_used: int | None = None  # the --max-length examples were cut at (set by the trainer)
+        self.tensorboard = None  # --log tensorboard: the event-file writer
 
     def check_fresh_or_resume(self, resume: bool) -> None:
         if not resume and (self.checkpoints.exists() or (self.folder / "summary.json").exists()):
@@ -48,6 +49,10 @@ class RunOutputs:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text_atomically(self.folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if config.log == "tensorboard":
+            from lorakit.train.tensorboard_log import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(self.folder, resumed_step)
         if resumed_step is None:
             self.metrics_path.write_text("")
         else:  # drop what the interrupted run logged after its last checkpoint
@@ -63,6 +68,8 @@ class RunOutputs:
         if self.enabled:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.write(record)
 
     def say(self, text: str) -> None:
         if self.enabled:
@@ -94,6 +101,10 @@ class RunOutputs:
             lorakit.save_adapter(prepared.adapted, self.adapter_dir,
                                  base_model_name_or_path=None if config.model.startswith("random:") else config.model,
                                  extra_metadata=metadata)
+            if config.chat_template:  # eval, generate and serve read the adapter's chats as training did
+                from lorakit.train.chat import TEMPLATE_FILE
+
+                write_text_atomically(self.adapter_dir / TEMPLATE_FILE, prepared.tokenizer.chat_template)
             return (self.adapter_dir / "adapter_model.safetensors").stat().st_size
         if labels and hasattr(prepared.model, "config"):
             prepared.model.config.id2label = dict(enumerate(labels))
@@ -103,6 +114,8 @@ class RunOutputs:
         return sum(p.stat().st_size for p in target.glob("*.safetensors"))
 
     def finish(self, summary: dict[str, Any], metric_name: str) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         write_text_atomically(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.plot(metric_name)
         before, after = summary["metric_before"], summary["metric_after"]

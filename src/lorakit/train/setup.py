@@ -14,6 +14,7 @@ from torch import nn
 
 import lorakit
 from lorakit.train import batches as B
+from lorakit.train.chat import read_template
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import ClassifyData, DataError, classification_data, held_out_split, lm_examples, read_rows
 from lorakit.train.models import load_model, load_tokenizer
@@ -31,12 +32,13 @@ class Prepared:
     adapted: lorakit.AdaptedModel | None
     pad_id: int
     fit: dict[str, B.Fit]  # how the training and evaluation examples fit --max-length
+    length: B.LengthChoice  # the --max-length used, given or chosen from the data
 
 
 def prepare(config: TrainConfig) -> Prepared:
     tokenizer = load_tokenizer(config.model)
     fit = {"train": B.Fit(), "eval": B.Fit()}
-    train, evaluation, label_names = _data(config, tokenizer, fit)
+    train, evaluation, label_names, length = _data(config, tokenizer, fit)
     model = load_model(config.model, config.task, num_labels=len(label_names or []) or None, seed=config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if getattr(model.config, "pad_token_id", None) is None:
@@ -54,7 +56,7 @@ def prepare(config: TrainConfig) -> Prepared:
         loss_fn = _gradient_loss(config, train, pad_id) if config.init == "gradient-svd" else None
         adapted = lorakit.adapt(model, adapter_config(config, model), gradient_loss=loss_fn)
         model = adapted
-    return Prepared(train, evaluation, label_names, tokenizer, model, adapted, pad_id, fit)
+    return Prepared(train, evaluation, label_names, tokenizer, model, adapted, pad_id, fit, length)
 
 
 def adapter_config(config: TrainConfig, model: nn.Module) -> lorakit.AdapterConfig:
@@ -86,36 +88,41 @@ def _baseline_trainable(model: nn.Module, config: TrainConfig) -> None:
         p.requires_grad_(any(part in HEAD_NAMES for part in name.split(".")))
 
 
-def max_length(config: TrainConfig, tokenizer) -> int:
-    """--max-length, but no more than the tokenizer's own limit (the model's positions), so the
-    default of 512 cannot overrun a model with fewer. HF tokenizers without a limit report 1e30."""
-    return B.token_limit(config.max_length, tokenizer)
-
-
 def _data(config: TrainConfig, tokenizer, fit: dict[str, B.Fit]
-          ) -> tuple[list[B.Encoded], list[B.Encoded], list[str] | None]:
-    length = max_length(config, tokenizer)
+          ) -> tuple[list[B.Encoded], list[B.Encoded], list[str] | None, B.LengthChoice]:
+    """Encoded training and evaluation examples, cut at --max-length (or a length chosen from the
+    training examples when it is not given), and what was cut or dropped."""
     if config.task == "classify":
         train_data, eval_data = _classification(config)
-        return (B.encode_classification(train_data, tokenizer, length, fit["train"]),
-                B.encode_classification(eval_data, tokenizer, length, fit["eval"]), train_data.label_names)
+        train_full = B.encode_classification_uncut(train_data, tokenizer)
+        eval_full = B.encode_classification_uncut(eval_data, tokenizer)
+        length = B.choose_length([len(e.input_ids) for e in train_full], config.max_length, tokenizer)
+        return (B.fit_classification(train_full, train_data, tokenizer, length.tokens, fit["train"]),
+                B.fit_classification(eval_full, eval_data, tokenizer, length.tokens, fit["eval"]),
+                train_data.label_names, length)
     if config.data == "default":
         raise DataError("the embedded default data is a classification set; give --data for --task causal-lm")
+    if config.chat_template:
+        tokenizer.chat_template = read_template(config.chat_template)
     train_rows = read_rows(config.data)
     eval_rows = read_rows(config.eval_data) if config.eval_data else None
     if eval_rows is None:
         train_rows, eval_rows = _split(train_rows, config)
-    train = B.encode_lm(lm_examples(train_rows, config.data, tokenizer), tokenizer, length, config.data, fit["train"])
     source = config.eval_data or config.data
-    evaluation = B.encode_lm(lm_examples(eval_rows, source, tokenizer), tokenizer, length, source, fit["eval"])
+    train_full = B.encode_lm_uncut(lm_examples(train_rows, config.data, tokenizer, config.chat_turns), tokenizer)
+    eval_full = B.encode_lm_uncut(lm_examples(eval_rows, source, tokenizer, config.chat_turns), tokenizer)
+    length = B.choose_length([len(e.input_ids) for e in train_full], config.max_length, tokenizer)
+    train = B.fit_lm(train_full, length.tokens, config.data, fit["train"])
+    evaluation = B.fit_lm(eval_full, length.tokens, source, fit["eval"])
     for part, counted in fit.items():
         if counted.dropped > config.max_drop * counted.examples:
             share = 100 * counted.dropped / counted.examples
             raise DataError(
                 f"{counted.dropped} of {counted.examples} {part} examples ({share:.0f}%) "
-                f"have prompts of {length} tokens or more, leaving no room for the answer, so they would be dropped; "
-                f"raise --max-length, shorten the prompts, or allow it with --max-drop (now {config.max_drop})")
-    return train, evaluation, None
+                f"have prompts of {length.tokens} tokens or more, leaving no room for the answer, so they would be "
+                "dropped; raise --max-length, shorten the prompts, or allow it with --max-drop "
+                f"(now {config.max_drop})")
+    return train, evaluation, None, length
 
 
 def _classification(config: TrainConfig) -> tuple[ClassifyData, ClassifyData]:
