@@ -25,14 +25,17 @@ def _train_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from lorakit.io.adapter_files import base_model_for
     from lorakit.merge_export import merge_to_folder
 
-    merge_to_folder(args.model, args.adapter, args.out, check_fingerprint=not args.ignore_fingerprint)
+    merge_to_folder(base_model_for(args.adapter, args.model), args.adapter, args.out,
+                    check_fingerprint=not args.ignore_fingerprint)
     return 0
 
 
 def _merge_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model folder, or 'default'")
+    parser.add_argument("--model", default=None,
+                        help="base model folder, or 'default' (default: the base the adapter records)")
     parser.add_argument("--adapter", required=True, help="adapter folder (PEFT layout) or `lorakit train` run folder")
     parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
     parser.add_argument("--ignore-fingerprint", action="store_true",
