@@ -119,3 +119,10 @@ def test_eval_without_model_finds_the_embedded_model_from_its_hub_name(minilm_ru
     assert main(["eval", "--adapter", str(minilm_run / "adapter"), "--data", str(data), "--general", "none",
                  "--max-length", "32", "--bootstrap", "10", "--quiet", "--threads", "1", "--out", str(out)]) == 0
     assert (out / "report.json").is_file()
+
+
+def test_generate_without_model_finds_the_embedded_model_from_its_hub_name(minilm_run, capsys):
+    capsys.readouterr()
+    assert main(["generate", "--threads", "1", "--adapter", str(minilm_run / "adapter"), "a good b"]) == 0
+    label, probabilities = capsys.readouterr().out.splitlines()
+    assert label in ("good", "bad") and probabilities.startswith(f"p({label})=")
