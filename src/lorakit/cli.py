@@ -25,14 +25,17 @@ def _train_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from lorakit.io.adapter_files import base_model_for
     from lorakit.merge_export import merge_to_folder
 
-    merge_to_folder(args.model, args.adapter, args.out, check_fingerprint=not args.ignore_fingerprint)
+    merge_to_folder(base_model_for(args.adapter, args.model), args.adapter, args.out,
+                    check_fingerprint=not args.ignore_fingerprint)
     return 0
 
 
 def _merge_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model folder, or 'default'")
+    parser.add_argument("--model", default=None,
+                        help="base model folder, or 'default' (default: the base the adapter records)")
     parser.add_argument("--adapter", required=True, help="adapter folder (PEFT layout) or `lorakit train` run folder")
     parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
     parser.add_argument("--ignore-fingerprint", action="store_true",
@@ -172,11 +175,50 @@ def _eval_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and report.html")
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from lorakit.generate import GenerateOptions, generate, read_prompt
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    generate(GenerateOptions(
+        prompt=read_prompt(args.prompt), model=args.model, adapter=args.adapter, chat=args.chat, system=args.system,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        stop=args.stop or [], compare=args.compare, check_fingerprint=not args.ignore_fingerprint,
+    ))
+    return 0
+
+
+def _generate_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the text to continue (with --chat: the user's message); '-' reads stdin")
+    parser.add_argument("--model", default=None,
+                        help="base model: a folder, 'default' or 'random:...' (default: the base the adapter records)")
+    parser.add_argument("--adapter", default=None,
+                        help="adapter folder or `lorakit train` run folder (omit it to generate with the bare base)")
+    parser.add_argument("--chat", action="store_true",
+                        help="render the prompt as a user message with the chat template, as the server does")
+    parser.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
+    parser.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                        "holding this much probability")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
+    parser.add_argument("--stop", action="append", default=None,
+                        help="end the answer before this string (repeatable)")
+    parser.add_argument("--compare", action="store_true",
+                        help="print the base's answer, then the adapter's, each under a labelled line")
+    parser.add_argument("--ignore-fingerprint", action="store_true",
+                        help="load the adapter even if it was trained on other base weights")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train an adapter from a YAML file and/or flags", _train_parser, _train),
     "merge": ("merge an adapter into its base and write a plain Hugging Face model folder", _merge_parser, _merge),
     "serve": ("serve a base model and its adapters over an OpenAI-compatible HTTP API", _serve_parser, _serve),
     "combine": ("combine adapters (linear, svd, ties, dare) into one new adapter", _combine_parser, _combine),
+    "generate": ("try an adapter on one prompt: the answer streams to stdout", _generate_parser, _generate),
     "eval": ("what an adapter learned, broke and forgot: a regression report against its base", _eval_parser, _eval),
 }
 

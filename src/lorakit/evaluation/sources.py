@@ -16,6 +16,7 @@ from lorakit.errors import ConfigError
 from lorakit.io.adapter_files import CONFIG_NAME, AdapterFile, adapter_folder, read_adapter
 from lorakit.train import batches as B
 from lorakit.train.data import DataError, classification_data, held_out_split, lm_examples, read_rows
+from lorakit.train.models import loads_offline
 
 DEFAULT_DATA = "default"  # the shipped drug reviews' test split
 
@@ -80,7 +81,7 @@ def decide_model(given: str | None, sources: list[AdapterSource]) -> str:
 
     for source in sources:
         base = json.loads((source.folder / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if base and (base == "default" or Path(base).is_dir()):
+        if base and loads_offline(base):
             return str(base)
     raise ConfigError("give --model: the adapters do not say which base they were trained on (pass a run folder, "
                       "or the model folder / 'default')")

@@ -53,6 +53,46 @@ def adapter_folder(directory: str | Path) -> Path:
     return directory
 
 
+def recorded_base_model(directory: str | Path) -> str | None:
+    """The base model an adapter says it was trained on, or None when it does not say.
+
+    A ``lorakit train`` run folder's ``config.yaml`` holds the ``--model`` spec itself (random
+    architectures included); an adapter folder has only ``base_model_name_or_path``, which
+    PEFT and lorakit write (see ``train.models.name_for_files``).
+    """
+    directory = Path(directory)
+    folder = adapter_folder(directory)
+    run_config = directory / "config.yaml"
+    if folder != directory and run_config.is_file():
+        import yaml
+
+        model = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model")
+        if model:
+            return str(model)
+    try:
+        base = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):  # read_adapter gives the full story of a bad file
+        return None
+    return str(base) if base else None
+
+
+def base_model_for(directory: str | Path, given: str | None) -> str:
+    """The model spec to load an adapter onto: ``given`` (--model) when set, else the base the
+    adapter records, when this machine has it (a folder, the embedded model, a random spec)."""
+    from lorakit.errors import ConfigError
+    from lorakit.train.models import loads_offline
+
+    if given:
+        return given
+    recorded = recorded_base_model(directory)
+    if recorded is None:
+        raise ConfigError(f"give --model: {directory} does not record which base model it was trained on")
+    if not loads_offline(recorded):
+        raise ConfigError(f"give --model: {directory} was trained on {recorded!r}, which is not a model folder on "
+                          "this machine (nor the embedded default)")
+    return recorded
+
+
 def _missing_adapter_message(directory: Path, path: Path) -> str:
     """Why ``directory`` is no adapter folder, with what to pass instead when it is a run folder."""
     if (directory / "summary.json").is_file() or (directory / "checkpoints").is_dir():
@@ -404,4 +444,5 @@ def _require_unchanged(adapter: AdapterFile) -> None:
         )
 
 
-__all__ = ["AdapterFile", "load_adapter", "read_adapter", "replace_adapter", "save_adapter"]
+__all__ = ["AdapterFile", "base_model_for", "load_adapter", "read_adapter", "recorded_base_model", "replace_adapter",
+           "save_adapter"]

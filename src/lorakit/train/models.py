@@ -31,14 +31,18 @@ RANDOM_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def resolve_model_dir(spec: str) -> Path | None:
-    """The folder of a model spec, or None for a random architecture. Checks weights exist."""
+    """The folder of a model spec, or None for a random architecture. Checks weights exist.
+
+    ``default`` is the embedded MiniLM, and so is its hub name (what adapters trained on it
+    record as their base) unless a folder of that name exists.
+    """
+    from lorakit.embedded import default_model_dir, is_default_model
+
     if spec.startswith("random:"):
         return None
-    if spec == "default":
-        from lorakit.embedded import default_model_dir
-
-        return default_model_dir()
     folder = Path(spec)
+    if is_default_model(spec) and not folder.is_dir():
+        return default_model_dir()
     if not folder.is_dir():
         raise ConfigError(f"model {spec!r} is neither a folder, 'default', nor 'random:<arch>'")
     if not (folder / "config.json").is_file():
@@ -46,6 +50,33 @@ def resolve_model_dir(spec: str) -> Path | None:
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ConfigError(f"model folder {folder} has no weights (looked for {', '.join(WEIGHT_FILES)})")
     return folder
+
+
+def loads_offline(spec: str) -> bool:
+    """Whether :func:`resolve_model_dir` can find ``spec`` on this machine: a random architecture,
+    the embedded model (by ``default`` or its hub name) with its package installed, or a folder."""
+    from lorakit.embedded import is_default_model, model_installed
+
+    if spec.startswith("random:") or Path(spec).is_dir():
+        return True
+    return is_default_model(spec) and model_installed()
+
+
+def name_for_files(spec: str) -> str | None:
+    """What an adapter records as ``base_model_name_or_path`` for the base ``spec``.
+
+    PEFT users load the base by that name, so it must mean something outside lorakit: the
+    embedded model's hub name for ``default``, the folder as the user gave it for a real model
+    (relative stays relative, as with ``from_pretrained``), None for a random architecture,
+    which no one can load by name.
+    """
+    from lorakit.embedded import MODEL_NAME, is_default_model
+
+    if spec.startswith("random:"):
+        return None
+    if is_default_model(spec) and not Path(spec).is_dir():
+        return MODEL_NAME
+    return spec
 
 
 def random_config(spec: str):

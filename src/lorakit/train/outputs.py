@@ -13,6 +13,7 @@ from typing import Any
 from lorakit.errors import ConfigError
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.train.config import TrainConfig
+from lorakit.train.models import name_for_files
 
 GENERAL_CURVES = {"forgetting_nats": "forgetting on general text (nats)",
                   "embedding_cosine": "general-text embedding cosine"}
@@ -99,7 +100,7 @@ class RunOutputs:
             if labels:
                 metadata["label_names"] = list(labels)
             lorakit.save_adapter(prepared.adapted, self.adapter_dir,
-                                 base_model_name_or_path=None if config.model.startswith("random:") else config.model,
+                                 base_model_name_or_path=name_for_files(config.model),
                                  extra_metadata=metadata)
             if config.chat_template:  # eval, generate and serve read the adapter's chats as training did
                 from lorakit.train.chat import TEMPLATE_FILE
