@@ -123,6 +123,33 @@ def test_chat_template_file_is_used_saved_with_the_adapter_and_read_back_by_eval
     assert report["chat_template"] == "from the adapter"
 
 
+def test_generate_reads_chats_with_the_adapters_template(tmp_path: Path, capsys, monkeypatch):
+    import lorakit.serve.engine as engine
+
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}=>{% endif %}<<{{ m['content'] }}>>"
+                "{% endfor %}{% if add_generation_prompt %}=>{% endif %}")
+    out = tmp_path / "run"
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(8)))
+    (tmp_path / "t.jinja").write_text(template)
+    assert main(["train", "--quiet", "--task", "causal-lm", "--model", LLAMA, "--data", str(data), "--out", str(out),
+                 "--chat-template", str(tmp_path / "t.jinja"), "--max-steps", "1", "--batch-size", "4",
+                 "--general-samples", "0"]) == 0
+    seen = []
+    original = engine.chat_prompt_ids
+
+    def recording(tokenizer, messages, max_length):
+        ids = original(tokenizer, messages, max_length)
+        seen.append(tokenizer.decode(ids))
+        return ids
+
+    monkeypatch.setattr(engine, "chat_prompt_ids", recording)
+    assert main(["generate", "--adapter", str(out), "--chat", "--max-tokens", "1", "hello"]) == 0
+    assert seen == ["<<hello>>=>"]
+
+
 def test_a_missing_or_broken_chat_template_is_refused_before_training(tmp_path: Path, capsys):
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},

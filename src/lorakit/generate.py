@@ -166,6 +166,7 @@ def _engine(model: str, task: str, num_labels: int | None, label_names: list[str
     from lorakit.io.adapter_files import load_adapter
     from lorakit.model import AdaptedModel
     from lorakit.serve.engine import Engine
+    from lorakit.train.chat import use_adapter_templates
     from lorakit.train.models import load_model, load_tokenizer
 
     base = load_model(model, task, num_labels=num_labels, seed=_base_seed(options.adapter))
@@ -178,7 +179,10 @@ def _engine(model: str, task: str, num_labels: int | None, label_names: list[str
         labels[_base_name()] = [str(id2label.get(i, i)) for i in range(int(base.config.num_labels))]
     # The server's limits exist for many users sharing one machine; here only the model's own
     # context bounds a request, checked by _check_length with this command's words.
-    return Engine(adapted, load_tokenizer(model), task=task, adapter_root=folder or Path.cwd(), model_spec=model,
+    tokenizer = load_tokenizer(model)
+    if folder is not None:  # an adapter trained with --chat-template reads chats with it
+        use_adapter_templates(tokenizer, [folder])
+    return Engine(adapted, tokenizer, task=task, adapter_root=folder or Path.cwd(), model_spec=model,
                   max_prompt_tokens=10**9, max_tokens_limit=max(options.max_tokens, 1),
                   base_classifies=base_classifies, label_names=labels)
 
