@@ -121,8 +121,8 @@ class LongStream(threading.Thread):
 
 
 def versions(engine, name: str) -> list[str]:
-    """The model's adapters that are versions of served name ``name``."""
-    return [n for n in engine.model.configs if n.split("#")[0] == name]
+    """The model's adapters that are versions of served name ``name`` (read while the batch thread may change them)."""
+    return [n for n in list(engine.model.configs) if n.split("#")[0] == name]
 
 
 def wait_for(condition, seconds: float = 30) -> bool:
