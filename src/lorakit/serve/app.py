@@ -7,7 +7,12 @@ Endpoints (all behind ``Authorization: Bearer <key>`` when an API key is set):
   ``stream: true`` answers with server-sent events in OpenAI's chunk format ending in ``[DONE]``.
 - ``POST /v1/classify`` ``{model, input: str | [str]}``: labels and probabilities (classifier servers).
 - ``POST /v1/adapters`` ``{name, path}``: load or hot-swap an adapter from a folder under the
-  adapter root; ``DELETE /v1/adapters/{name}`` unloads one.
+  adapter root; answers ``{id, object, path, replaced, warnings}`` (``warnings``: notes such as
+  "trained on a quantised base", also logged). ``DELETE /v1/adapters/{name}`` unloads one and
+  answers ``{id, object, deleted: true, running}`` at once: the name is no longer served (404),
+  and the ``running`` requests already on it finish before its memory is freed. Neither waits
+  for running requests, nor makes others wait (see :mod:`lorakit.serve.adapters`); a name being
+  unloaded can be loaded again at once.
 - ``GET /metrics``: batching counters (forwards, rows per forward, ...); ``GET /health``.
 
 Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
@@ -178,8 +183,8 @@ class GuardMiddleware:
                 response = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
                                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
-        too_big = error_response(413, f"request body exceeds the server's limit of {self.max_body_bytes} bytes "
-                                 "(--max-body-bytes)", "request_too_large")
+        too_big = error_response(413, f"request body exceeds this server's limit of {self.max_body_bytes} bytes: "
+                                 "send a shorter body", "request_too_large")
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await too_big(scope, receive, send)
@@ -288,8 +293,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: in
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str) -> dict[str, Any]:
-        await asyncio.to_thread(engine.unload, name)
-        return {"id": name, "object": "adapter", "deleted": True}
+        return await asyncio.to_thread(engine.unload, name)
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict[str, Any]:

@@ -71,7 +71,8 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         if self._thread is None or self._stopping.is_set():
-            job.fail(503, "the server is not accepting requests (batcher stopped)", "server_shutdown")
+            job.fail(503, "the server is shutting down and accepts no more requests; retry once it is back",
+                     "server_shutdown")
             return
         self._queue.put(job)
 

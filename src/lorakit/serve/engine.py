@@ -6,9 +6,12 @@ decoding step is ONE forward for all rows with ``adapter_names=[...]``, and each
 on its own (EOS, a stop string or its ``max_tokens``); finished rows leave the batch and the
 cache. Queued requests join a running batch between steps (continuous batching): they are
 prefilled in one forward, then the two KV caches are left-padded to one length (the padding
-masked out) and stacked, so a long generation never holds new requests back. Text is handed
-out token by token, holding back only what could still turn into a stop string or an
-unfinished UTF-8 character, so a stream concatenates to the non-streamed text.
+masked out) and stacked, so a long generation never holds new requests back. Adapter changes
+(load, hot swap, unload) never wait for a running request either: they are applied between two
+steps, and a request keeps the adapter version it was admitted with until it ends (see
+:mod:`lorakit.serve.adapters`). Text is handed out token by token, holding back only what could
+still turn into a stop string or an unfinished UTF-8 character, so a stream concatenates to the
+non-streamed text.
 
 Classification models (a base plus adapters that carry a classification head) answer one
 forward per batch of texts.
@@ -23,7 +26,6 @@ encoded with the tokenizer's special tokens (e.g. BOS).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import re
@@ -37,10 +39,11 @@ from typing import Any
 import torch
 
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
-from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_folder, load_adapter, read_adapter
+from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_folder, read_adapter
 from lorakit.io.safetensors_reader import SafetensorsError, read_header
 from lorakit.mixed import BASE
 from lorakit.model import AdaptedModel
+from lorakit.serve.adapters import Load, ServedAdapters
 from lorakit.serve.batcher import Job
 from lorakit.serve.decoding import DecodeBatch, Row, merge_batches, mergeable, trim_left_padding
 from lorakit.serve.jobs import (
@@ -49,6 +52,7 @@ from lorakit.serve.jobs import (
     GenerationJob,
     ServeError,
 )
+from lorakit.serve.wording import in_http_words, quantised_base_note
 from lorakit.train.batches import chat_prompt_ids
 
 log = logging.getLogger("lorakit.serve")
@@ -104,13 +108,11 @@ class Engine:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_tokens_limit = max_tokens_limit
         self.base_classifies = base_classifies
-        self.label_names: dict[str, list[str]] = dict(label_names or {})
-        self.sources: dict[str, str] = {}
-        self.lock = threading.RLock()  # held by a running batch and by adapter changes
-        self._admin_waiting = 0  # adapter changes waiting for the lock: running batches stop admitting jobs
-        self._admin_lock = threading.Lock()
-        self._served: tuple[str, ...] = ()
-        self._refresh()
+        self.lock = threading.RLock()  # held by a running batch, and by adapter changes when none runs
+        self.adapters = ServedAdapters(model, self.lock)
+        self.label_names: dict[str, list[str]] = self.adapters.label_names  # by served name
+        self.label_names.update(label_names or {})
+        self.sources: dict[str, str] = self.adapters.sources  # served name → its folder
         self.metrics = Metrics()
         self.created = int(time.time())
         config = model.model.config
@@ -134,36 +136,25 @@ class Engine:
     # -- what is served ----------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
         """The served adapters (a snapshot: request handlers read it without waiting for the lock)."""
-        return list(self._served)
-
-    def _refresh(self) -> None:
-        self._served = tuple(n for n in self.model.configs if not n.endswith("__incoming"))
-
-    @contextlib.contextmanager
-    def _changing(self):
-        """The lock for an adapter change; running batches stop admitting new jobs until it is done."""
-        with self._admin_lock:
-            self._admin_waiting += 1
-        try:
-            with self.lock:
-                try:
-                    yield
-                finally:
-                    self._refresh()
-        finally:
-            with self._admin_lock:
-                self._admin_waiting -= 1
+        return self.adapters.names()
 
     def has(self, name: str) -> bool:
-        return name == BASE or name in self.adapter_names()
+        return self.adapters.version(name) is not None
 
-    def require(self, name: str) -> None:
-        if not self.has(name):
+    def require(self, name: str) -> str:
+        """The model's name for the adapter version ``name`` serves now; 404 when none is served."""
+        version = self.adapters.version(name)
+        if version is None:
+            if name in self.adapters.unloading:
+                raise ServeError(404, f"The model `{name}` is being unloaded: requests already running on it finish, "
+                                 "new ones are refused. Load it again (POST /v1/adapters) to serve it.",
+                                 "model_not_found", "model")
             served = ", ".join([BASE, *self.adapter_names()])
             raise ServeError(404, f"The model `{name}` does not exist. Served: {served}", "model_not_found", "model")
         if self.task == "classify" and name == BASE and not self.base_classifies:
             raise ServeError(400, "the base model has no trained classification head; name an adapter that carries one",
                              "invalid_model", "model")
+        return version
 
     # -- adapters ----------------------------------------------------------------------------
     def resolve_under_root(self, path: str) -> Path:
@@ -172,8 +163,8 @@ class Engine:
             raise ServeError(400, "path must be a non-empty folder name under the adapter root", param="path")
         folder = (self.adapter_root / path).resolve()
         if folder == self.adapter_root or not folder.is_relative_to(self.adapter_root):
-            raise ServeError(403, f"path {path!r} is outside the adapter root; adapters load only from folders "
-                             "under --adapters", "path_not_allowed", "path")
+            raise ServeError(403, f"path {path!r} is outside this server's adapter folder; give the path of a folder "
+                             "inside it, relative to it (e.g. 'my-adapter')", "path_not_allowed", "path")
         folder = adapter_folder(folder)  # a `lorakit train` run folder serves its adapter
         if not (folder / CONFIG_NAME).is_file():
             raise ServeError(400, f"path {path!r} is neither an adapter folder nor a training run folder (no "
@@ -181,40 +172,44 @@ class Engine:
         return folder
 
     def load(self, name: str, path: str) -> dict[str, Any]:
-        """Load (or hot-swap) adapter ``name`` from a folder under the root. Nothing changes on error."""
+        """Load (or hot-swap) adapter ``name`` from a folder under the root. Nothing changes on error.
+
+        The file is read and checked here; the model changes between two decoding steps of the
+        running batch (or at once when none runs), so this waits for at most one step. Requests
+        admitted afterwards use the new weights; requests running on the old version finish on
+        it (see :mod:`lorakit.serve.adapters`). ``warnings`` in the answer are logged too.
+        """
         check_name(name)
         folder = self.resolve_under_root(path)
         try:
             labels = self._check_head(folder)
-            # Reading the file and checking its values touch no model state: done before taking the
-            # lock, they keep batches running, which then wait only for the check against the model
-            # and the copy. A file written meanwhile is read again under the lock.
+            # Reading the file and checking its values touch no model state: done here, they keep
+            # batches running. A file written before the change is applied is read again then.
             adapter = read_adapter(folder)
-            with self._changing():
-                replaced = name in self.model.configs
-                if replaced:
-                    self.model.replace_adapter(name, adapter)
-                else:
-                    load_adapter(self.model, adapter, name=name, activate=False)
-                self.label_names[name] = labels
-                self.sources[name] = str(folder)
+            change = self.adapters.load(Load(name, adapter, labels, str(folder)))
         except ServeError:
             raise
         except (LorakitError, OSError) as exc:  # corrupt files, wrong shapes, another base's fingerprint
-            raise ServeError(400, f"cannot load adapter {name!r} from {path!r}: {exc}", "invalid_adapter") from exc
-        log.info("%s adapter %r from %s", "replaced" if replaced else "loaded", name, folder)
+            raise ServeError(400, f"cannot load adapter {name!r} from {path!r}: {in_http_words(exc)}",
+                             "invalid_adapter") from exc
+        log.info("%s adapter %r from %s", "replaced" if change.replaced else "loaded", name, folder)
+        warnings = [note for note in [quantised_base_note(name, adapter.lorakit)] if note]
+        for note in warnings:
+            log.warning(note)
         return {"id": name, "object": "adapter", "path": str(folder.relative_to(self.adapter_root)),
-                "replaced": replaced}
+                "replaced": change.replaced, "warnings": warnings}
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str) -> dict[str, Any]:
+        """Stop serving ``name`` now, without waiting: new requests naming it get 404, requests
+        already running on it (``running`` in the answer) finish on it, and its tensors are freed
+        between decoding steps once none of them runs any more."""
         if name == BASE:
             raise ServeError(400, "the base model cannot be unloaded", "invalid_model", "name")
-        with self._changing():
-            if name not in self.model.configs:
-                raise ServeError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
-            self.model.delete_adapter(name)
-            self.label_names.pop(name, None)
-            self.sources.pop(name, None)
+        running = self.adapters.unload(name)
+        if running is None:
+            being = " (it is already being unloaded)" if name in self.adapters.unloading else ""
+            raise ServeError(404, f"no adapter named {name!r} is loaded{being}", "model_not_found", "name")
+        return {"id": name, "object": "adapter", "deleted": True, "running": running}
 
     def _check_head(self, folder: Path) -> list[str]:
         """For a classifier server: the adapter must carry a head of the served size. Its label names."""
@@ -254,14 +249,16 @@ class Engine:
         if not prompt_ids:
             raise ServeError(400, "the prompt is empty (no tokens to continue from)", param="prompt")
         if len(prompt_ids) > self.max_prompt_tokens:
-            raise ServeError(400, f"the prompt has {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens} "
-                             "(--max-prompt-tokens)", "context_length_exceeded", "prompt")
+            raise ServeError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
+                             f"{self.max_prompt_tokens}: shorten the prompt", "context_length_exceeded", "prompt")
         if max_tokens > self.max_tokens_limit:
-            raise ServeError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.max_tokens_limit} "
-                             "(--max-tokens-limit)", "max_tokens_exceeded", "max_tokens")
+            raise ServeError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.max_tokens_limit}: "
+                             f"ask for at most {self.max_tokens_limit}", "max_tokens_exceeded", "max_tokens")
         if self.max_length and len(prompt_ids) + max_tokens > self.max_length:
             raise ServeError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                             f"context of {self.max_length} tokens", "context_length_exceeded", "max_tokens")
+                             f"context of {self.max_length} tokens: ask for at most "
+                             f"{max(self.max_length - len(prompt_ids), 0)} tokens or shorten the prompt",
+                             "context_length_exceeded", "max_tokens")
 
     def encode_inputs(self, texts: list[str]) -> list[list[int]]:
         if self.task != "classify":
@@ -281,11 +278,18 @@ class Engine:
     def run_batch(self, jobs: list[Job], take: Callable[[int], list[Job]] | None = None) -> None:
         """Run a batch (in the batcher's worker thread). ``take(busy_rows)`` hands out more queued
         jobs; they join the running generation between decoding steps (continuous batching)."""
-        with self.lock, torch.no_grad():
-            self.metrics.batches += 1
-            generation = self._admit(jobs)
-            if generation:
-                self._generate(generation, take)
+        try:
+            with self.lock, torch.no_grad():
+                self.metrics.batches += 1
+                self.adapters.between_steps(())
+                try:
+                    generation = self._admit(jobs)
+                    if generation:
+                        self._generate(generation, take)
+                finally:
+                    self.adapters.between_steps(())  # every row has left: free what was unloaded
+        finally:
+            self.adapters.pump()  # a change queued while this batch let go of the lock
 
     def _admit(self, jobs: list[Job]) -> list[GenerationJob]:
         """Fail jobs for unknown adapters, answer classification jobs now; the generation jobs."""
@@ -293,7 +297,7 @@ class Engine:
         live = []
         for job in jobs:
             try:
-                self.require(job.adapter)
+                job.version = self.require(job.adapter)  # the version it runs on until it ends
             except ServeError as exc:
                 job.fail(exc.status, exc.message, exc.code)
                 continue
@@ -317,7 +321,8 @@ class Engine:
     def _generate(self, jobs: list[GenerationJob], take: Callable[[int], list[Job]] | None) -> None:
         batch = self._step(self._prefill(jobs))
         while batch is not None:
-            if take is not None and not self._admin_waiting and mergeable(batch.cache):
+            self.adapters.between_steps([row.job.version for row in batch.rows])
+            if take is not None and mergeable(batch.cache):
                 joining = self._admit(take(len(batch.rows)))
                 if joining:
                     self.metrics.joined += len(joining)
@@ -341,7 +346,7 @@ class Engine:
         if batch is None:
             return None
         rows = batch.rows
-        out = self._forward([r.job.adapter for r in rows], batch.cache, input_ids=batch.ids,
+        out = self._forward([r.job.version for r in rows], batch.cache, input_ids=batch.ids,
                             attention_mask=batch.mask, position_ids=batch.position, use_cache=True)
         cache = out.cache if self._cache_arg == "cache" else out.past_key_values
         logits = out.logits[:, -1, :].float()
@@ -375,7 +380,7 @@ class Engine:
         for i, (_, ids) in enumerate(inputs):
             batch[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[i, : len(ids)] = 1
-        names = [job.adapter for job, _ in inputs]
+        names = [job.version for job, _ in inputs]
         logits = self._forward(names, input_ids=batch, attention_mask=mask).logits.float()
         probs = torch.softmax(logits, dim=-1)
         row = 0
@@ -392,6 +397,7 @@ class Engine:
 
 
 def check_name(name: str, error: type[Exception] | None = None) -> None:
+    """Served names: no '#' (:mod:`lorakit.serve.adapters` names versions with it), no '.' (the model's rule)."""
     if name == BASE or not NAME_RULE.match(name or "") or name.endswith("__incoming"):
         message = (f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' (at most 128, not "
                    f"{BASE!r})")

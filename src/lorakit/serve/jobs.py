@@ -89,10 +89,12 @@ class GenerationJob(_EmittingJob):
                  emit: Callable[[Event], None]) -> None:
         super().__init__(emit)
         self.adapter, self.prompt_ids, self.params = adapter, list(prompt_ids), params
+        self.version = adapter  # the model's name for the adapter version it runs on: set on admission
 
 
 class ClassificationJob(_EmittingJob):
     def __init__(self, adapter: str, inputs: list[list[int]], emit: Callable[[Event], None]) -> None:
         super().__init__(emit)
         self.adapter, self.inputs = adapter, inputs
+        self.version = adapter  # as GenerationJob.version
         self.rows = len(inputs)

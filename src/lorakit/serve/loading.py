@@ -13,6 +13,7 @@ from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.io.adapter_files import CONFIG_NAME, adapter_folder, load_adapter
 from lorakit.model import AdaptedModel
 from lorakit.serve.engine import CAUSAL_SUFFIXES, Engine, adapter_heads, check_name, log
+from lorakit.serve.wording import quantised_base_note
 
 
 def build_engine(model_spec: str, adapter_root: str | Path, *, max_prompt_tokens: int = 2048,
@@ -92,9 +93,11 @@ def build_engine(model_spec: str, adapter_root: str | Path, *, max_prompt_tokens
             labels[name] = [str(n) for n in metadata_labels]
         sources[name] = str(folder.resolve())
         config = adapted.configs[name]
-        log.info("adapter %r from %s: %s, rank %d, %d modules%s", name, folder, config.method, config.r,
-                 len(adapted.layers_of(name)), "; trained on a quantised base" if heads[name][1].get("quantize")
-                 not in (None, "none") else "")
+        log.info("adapter %r from %s: %s, rank %d, %d modules", name, folder, config.method, config.r,
+                 len(adapted.layers_of(name)))
+        note = quantised_base_note(name, heads[name][1])
+        if note:
+            log.warning(note)
     engine = Engine(adapted, tokenizer, task=task, adapter_root=root, model_spec=model_spec,
                     max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                     base_classifies=base_classifies, label_names=labels)
