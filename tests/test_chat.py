@@ -140,8 +140,8 @@ def test_generate_reads_chats_with_the_adapters_template(tmp_path: Path, capsys,
     seen = []
     original = engine.chat_prompt_ids
 
-    def recording(tokenizer, messages, max_length):
-        ids = original(tokenizer, messages, max_length)
+    def recording(tokenizer, messages, max_length, template=None):
+        ids = original(tokenizer, messages, max_length, template)
         seen.append(tokenizer.decode(ids))
         return ids
 
@@ -162,3 +162,21 @@ def test_a_missing_or_broken_chat_template_is_refused_before_training(tmp_path: 
                      "--out", str(out), "--chat-template", str(path)]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_the_server_reads_each_adapters_chats_with_the_template_it_was_trained_with(tmp_path: Path):
+    pytest.importorskip("fastapi")
+    from serve_fixtures import build_folder
+
+    from lorakit.serve import build_engine
+
+    build_folder(tmp_path)
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}=>{% endif %}<<{{ m['content'] }}>>"
+                "{% endfor %}{% if add_generation_prompt %}=>{% endif %}")
+    (tmp_path / "adapters" / "a0" / TEMPLATE_FILE).write_text(template)
+    engine = build_engine(str(tmp_path / "base"), tmp_path / "adapters")
+    messages = [{"role": "user", "content": "hi"}]
+    own = engine.render_chat(messages, "a0")
+    assert engine.tokenizer.decode(own, skip_special_tokens=False) == "<<hi>>=>"  # the template writes no BOS
+    assert engine.render_chat(messages, "a1") == engine.render_chat(messages) == B.chat_prompt_ids(
+        engine.tokenizer, messages, 10**6) != own

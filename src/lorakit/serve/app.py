@@ -339,7 +339,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: in
                 content = "".join(part.text or "" for part in content)
             messages.append({"role": m.role, "content": content or ""})
         try:
-            ids = engine.render_chat(messages)
+            ids = engine.render_chat(messages, body.model)
         except ServeError:
             raise
         except Exception as exc:  # a chat template that rejects these messages

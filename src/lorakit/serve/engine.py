@@ -54,6 +54,7 @@ from lorakit.serve.jobs import (
 )
 from lorakit.serve.wording import in_http_words, quantised_base_note
 from lorakit.train.batches import chat_prompt_ids
+from lorakit.train.chat import saved_template
 
 log = logging.getLogger("lorakit.serve")
 
@@ -237,10 +238,13 @@ class Engine:
                                  f"(0..{self.vocab_size - 1})", param="prompt")
         return ids
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Chat messages → prompt ids with the tokenizer's template, or DEFAULT_CHAT_TEMPLATE; the
-        same function training tokenizes chat prompts with (one BOS, however the template is written)."""
-        return chat_prompt_ids(self.tokenizer, messages, 10**9)  # no cut: check_generation counts the tokens
+    def render_chat(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
+        """Chat messages → prompt ids with the chat template ``adapter`` was trained with (lorakit
+        train --chat-template), else the tokenizer's, else DEFAULT_CHAT_TEMPLATE; the same function
+        training tokenizes chat prompts with (one BOS, however the template is written)."""
+        source = self.sources.get(adapter) if adapter else None
+        template = saved_template(source) if source else None
+        return chat_prompt_ids(self.tokenizer, messages, 10**9, template)  # check_generation counts the tokens
 
     def check_generation(self, prompt_ids: list[int], max_tokens: int) -> None:
         if self.task != "causal-lm":

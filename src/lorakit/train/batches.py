@@ -177,13 +177,15 @@ def prompt_ids(tokenizer, text: str, max_length: int, special: bool = True) -> l
     return ids
 
 
-def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, Any]], max_length: int) -> list[int]:
-    """The prompt of a chat (the generation prompt for the assistant's turn), rendered with the
-    tokenizer's template or lorakit's default and tokenized piece by piece exactly as training
-    tokenizes its chat examples (:mod:`lorakit.train.chat`); what the server feeds the model."""
-    special = not chat.has_template(tokenizer)
+def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, Any]], max_length: int,
+                    template: str | None = None) -> list[int]:
+    """The prompt of a chat (the generation prompt for the assistant's turn), rendered with
+    ``template`` (the one an adapter was trained with), the tokenizer's or lorakit's default, and
+    tokenized piece by piece exactly as training tokenizes its chat examples
+    (:mod:`lorakit.train.chat`); what the server feeds the model."""
+    special = not chat.has_template(tokenizer, template)
     ids: list[int] = []
-    for k, piece in enumerate(chat.prompt_pieces(tokenizer, messages)):
+    for k, piece in enumerate(chat.prompt_pieces(tokenizer, messages, template)):
         ids += (prompt_ids(tokenizer, piece.text, UNCUT, special) if k == 0
                 else encode_text(tokenizer, piece.text, UNCUT, special=False))
     return ids[:max_length]

@@ -41,25 +41,30 @@ class Piece:
     answer: bool = False
 
 
-def has_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def has_template(tokenizer: Any, template: str | None = None) -> bool:
+    return bool(template or getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer: Any, messages: Sequence[dict[str, Any]], generation_prompt: bool) -> str:
-    """The conversation as the model reads it: the tokenizer's template, or lorakit's default."""
+def render(tokenizer: Any, messages: Sequence[dict[str, Any]], generation_prompt: bool,
+           template: str | None = None) -> str:
+    """The conversation as the model reads it: ``template`` (an adapter's own), the tokenizer's,
+    or lorakit's default."""
+    if template:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt,
+                                             chat_template=template)
     if has_template(tokenizer):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
     text = "".join(DEFAULT_TURN.format(role=m["role"], content=m["content"]) for m in messages)
     return text + (DEFAULT_ASSISTANT_PROMPT if generation_prompt else "")
 
 
-def prompt_pieces(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[Piece]:
+def prompt_pieces(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str | None = None) -> list[Piece]:
     """The prompt for the assistant's next turn after ``messages``, cut at the assistant turns it holds.
 
     One piece when the template rewrites earlier turns (then the history cannot be cut)."""
-    whole = render(tokenizer, messages, generation_prompt=True)
+    whole = render(tokenizer, messages, generation_prompt=True, template=template)
     try:
-        pieces = _cut(tokenizer, messages)
+        pieces = _cut(tokenizer, messages, template)
     except TemplateError:
         return [Piece(whole)]
     done = "".join(p.text for p in pieces)
@@ -88,15 +93,15 @@ def conversation_pieces(tokenizer: Any, messages: Sequence[dict[str, Any]], turn
     return [*prompt, Piece(full[len(rendered_prompt):], answer=True)]
 
 
-def _cut(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[Piece]:
+def _cut(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str | None = None) -> list[Piece]:
     """Pieces up to the end of the last assistant turn in ``messages`` (context, answer, context, ...)."""
     pieces: list[Piece] = []
     done = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], generation_prompt=True)
-        after = render(tokenizer, messages[:i + 1], generation_prompt=False)
+        before = render(tokenizer, messages[:i], generation_prompt=True, template=template)
+        after = render(tokenizer, messages[:i + 1], generation_prompt=False, template=template)
         if not before.startswith(done) or not after.startswith(before):
             raise TemplateError("the chat template rewrites earlier turns")
         pieces += [Piece(before[len(done):]), Piece(after[len(before):], answer=True)]

@@ -160,15 +160,16 @@ class ByteTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
-                            add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False,
+                            chat_template: str | None = None) -> str:
         """A --chat-template given to a random model, rendered with the variables transformers passes."""
         import jinja2
 
-        if not self.chat_template:
+        template = chat_template or self.chat_template
+        if not template:
             raise ConfigError("this byte tokenizer has no chat template; give one with --chat-template")
         environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return environment.from_string(self.chat_template).render(
+        return environment.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token="")
 
     def save_pretrained(self, directory: str | Path) -> None:
