@@ -58,6 +58,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06  # share of the steps over which the lr rises linearly to --lr
     max_grad_norm: float = 1.0  # gradient clipping; 0: off
     bf16: str = "auto"  # auto (on where the hardware runs it fast) | on | off
+    pack: bool = False  # causal-lm: lay each micro-batch's examples end to end in rows of --max-length (same loss)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     seed: int = 0  # data order, heads, random bases and inits
     # evaluation and checkpoints
@@ -113,6 +114,9 @@ class TrainConfig:
             raise ConfigError(f"--chat-turns must be all or last, got {self.chat_turns!r}")
         if not 0 <= self.max_drop <= 1:
             raise ConfigError("--max-drop must be between 0 and 1")
+        if self.pack and self.task != "causal-lm":
+            raise ConfigError("--pack lays causal-LM examples end to end in rows; it needs --task causal-lm "
+                              "(a classifier reads one example per row)")
         if not 0 < self.eval_split < 1:
             raise ConfigError("--eval-split must be between 0 and 1")
 
@@ -219,7 +223,8 @@ OTHER_TOOLS = {"learning_rate": "lr", "lora_r": "rank", "r": "rank", "lora_alpha
                "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
                "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler",
                "lr_scheduler": "scheduler", "output_dir": "out", "sequence_len": "max_length",
-               "max_seq_length": "max_length", "base_model": "model", "dataset": "data", "use_rslora": "rslora"}
+               "max_seq_length": "max_length", "base_model": "model", "dataset": "data", "use_rslora": "rslora",
+               "packing": "pack", "sample_packing": "pack"}
 
 
 def _with_guess(key: str, known: set[str]) -> str:

@@ -25,6 +25,7 @@ from lorakit import symptoms
 from lorakit.errors import InterruptedTrainingError
 from lorakit.train import batches as B
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import packing
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import Distributed
 from lorakit.train.general import GeneralTracker
@@ -39,13 +40,16 @@ class TrainingError(lorakit.LorakitError, RuntimeError):
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of the loss over the batch's units, number of units)."""
+    """(sum of the loss over the batch's units, number of units). A packed batch also carries
+    position_ids (and a 4D attention mask): see :mod:`lorakit.train.packing`."""
     labels = batch["labels"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32; float64 stays
     if labels.dim() == 1:  # classification
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    shifted = logits[:, :-1].float()
+        return F.cross_entropy(logits, labels, reduction="sum"), labels.numel()
+    shifted = logits[:, :-1]
     targets = labels[:, 1:]
     loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=B.IGNORE,
                            reduction="sum")
@@ -79,6 +83,9 @@ class Trainer:
         self.outputs.check_fresh_or_resume(config.resume)
         self.device = self.dist.device
         self.model = self.prepared.model.to(self.device)
+        # --pack: refused here, before any write, for a model whose attention cannot keep examples apart
+        self.packer = packing.Packer.for_model(self.model, self.outputs.max_length_used,
+                                               self.prepared.pad_id) if config.pack else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise TrainingError("nothing to train: no parameter requires a gradient")
@@ -97,7 +104,8 @@ class Trainer:
         self.autocast = autocast_for(config.bf16, self.device)
         self.metric_name = "accuracy" if config.task == "classify" else "perplexity"
         self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "top": None, "bad_evals": 0,
-                                      "metric_before": None, "train_seconds": 0.0, "examples": 0}
+                                      "metric_before": None, "train_seconds": 0.0, "examples": 0,
+                                      "tokens": 0, "positions": 0}  # real tokens, and with padding
         self.best_tensors: dict[str, torch.Tensor] | None = None
         self.label_counts: list[int] | None = None  # predictions per label at the latest evaluation (classify)
         self.general = GeneralTracker(config, self.prepared, self.device, self.autocast)  # forgetting
@@ -191,8 +199,9 @@ class Trainer:
                     zero = sum(p.sum() * 0.0 for p in self.trainable)
                     zero.backward()
                     continue
-                batch = {k2: v.to(self.device) for k2, v in B.collate([self.prepared.train[i] for i in chunk],
-                                                                         self.prepared.pad_id).items()}
+                items = [self.prepared.train[i] for i in chunk]
+                laid = self.packer.batch(items) if self.packer else B.collate(items, self.prepared.pad_id)
+                batch = {k2: v.to(self.device) for k2, v in laid.items()}
                 with self.autocast:
                     loss_sum, _ = batch_loss(self.forward_model, batch)
                 (loss_sum * dist.world / units).backward()
@@ -208,6 +217,11 @@ class Trainer:
             self.rule.step()
         self.state["step"] = step + 1
         self.state["examples"] += len(indices)
+        if "tokens" in self.state:  # a checkpoint from before tokens were counted leaves the figure unknown
+            tokens, positions = packing.step_tokens(self.prepared.train, indices, config.grad_accum, dist.world,
+                                                    self.packer.max_length if self.packer else None)
+            self.state["tokens"] += tokens
+            self.state["positions"] += positions
         return dist.all_sum(total).item() / units
 
     @torch.no_grad()
@@ -318,6 +332,15 @@ class Trainer:
         found += symptoms.general_text("the saved model", summary["general"])
         return [w for w in found if w]
 
+    def _token_figures(self) -> dict[str, float | None]:
+        """Real (non-pad) tokens per training second, and the share of processed positions that
+        were padding: what --pack saves (None when a resumed checkpoint did not count them)."""
+        tokens, positions = self.state.get("tokens"), self.state.get("positions")
+        if tokens is None or not positions:
+            return {"tokens_per_second": None, "padding_share": None}
+        return {"tokens_per_second": round(tokens / max(self.state["train_seconds"], 1e-9), 1),
+                "padding_share": round(1 - tokens / positions, 4)}
+
     def _finish(self) -> dict[str, Any]:
         if self.best_tensors is not None:
             self.load_trained_state(self.best_tensors)
@@ -331,6 +354,7 @@ class Trainer:
             "total_params": lorakit.report.count_parameters(self.model)[1],
             "seconds": round(self.state["train_seconds"], 2),
             "examples_per_second": round(self.state["examples"] / max(self.state["train_seconds"], 1e-9), 2),
+            **self._token_figures(),
             "method": self.config.method,
             "bf16_autocast": not isinstance(self.autocast, contextlib.nullcontext),
             "general": self.general.summary(self.state),
@@ -351,7 +375,7 @@ SAFE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_every", "save_every", "
                             "threads", "quiet", "out", "resume", "select", "general_data", "general_samples", "bf16",
                             "log"})
 # Values checkpoints written before a setting existed were trained with.
-BEFORE_IT_EXISTED = {"scheduler": "cosine", "warmup_ratio": 0.06, "select": "best"}
+BEFORE_IT_EXISTED = {"scheduler": "cosine", "warmup_ratio": 0.06, "select": "best", "pack": False}
 
 
 def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:

@@ -29,6 +29,14 @@ def general_text(summary: dict[str, Any]) -> str:
     return ""
 
 
+def token_text(summary: dict[str, Any]) -> str:
+    """The printed summary's tokens per second and padding share (empty when not counted)."""
+    rate, padding = summary.get("tokens_per_second"), summary.get("padding_share")
+    if rate is None:
+        return ""
+    return f", {rate:.0f} tokens/s ({100 * padding:.0f}% padding)"
+
+
 class RunOutputs:
     def __init__(self, folder: Path, enabled: bool) -> None:
         self.folder = folder
@@ -123,7 +131,8 @@ class RunOutputs:
         print(
             f"{metric_name}: {before:.4f} → {after:.4f} | trainable {summary['trainable_params']:,d} of "
             f"{summary['total_params']:,d} | adapter {summary['adapter_bytes'] / 1024:.1f} KiB | "
-            f"{summary['seconds']:.1f} s, {summary['examples_per_second']:.1f} examples/s{general_text(summary)} | "
+            f"{summary['seconds']:.1f} s, {summary['examples_per_second']:.1f} examples/s{token_text(summary)}"
+            f"{general_text(summary)} | "
             f"{self.folder}",
             flush=True,
         )
