@@ -108,19 +108,39 @@ def load_drug_reviews() -> tuple[list[Example], list[Example]]:
 
 
 def _read_split(archive: zipfile.ZipFile, member: str) -> list[Example]:
+    return [Example(r.review, LABELS[r.sentiment]) for r in _read_records(archive, member) if r.sentiment in LABELS]
+
+
+@dataclass(frozen=True)
+class Review:
+    """One row of the drug-review files, every field kept (sentiment may be "neutral")."""
+
+    drug: str
+    condition: str
+    review: str
+    sentiment: str
+
+
+def drug_review_records() -> tuple[list[Review], list[Review]]:
+    """(train, test) rows with the drug's name and the condition it was taken for, for tasks
+    beyond sentiment (the causal-LM demo asks for them); text unescaped as in :func:`load_drug_reviews`."""
+    with zipfile.ZipFile(drug_reviews_zip()) as archive:
+        return _read_records(archive, "drugsComTrain.tsv"), _read_records(archive, "drugsComTest.tsv")
+
+
+def _read_records(archive: zipfile.ZipFile, member: str) -> list[Review]:
     with archive.open(member) as raw:
         rows = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""), delimiter="\t")
-        examples = []
+        records = []
         for row in rows:
-            label = LABELS.get(row["rating"].strip())
-            if label is None:  # "neutral"
-                continue
             text = row["review"].strip()
             if len(text) >= 2 and text[0] == text[-1] == '"':
                 text = text[1:-1]
-            examples.append(Example(html.unescape(text).strip(), label))
-    return examples
+            records.append(Review(html.unescape(row["drugName"]).strip(), html.unescape(row["condition"]).strip(),
+                                  html.unescape(text).strip(), row["rating"].strip()))
+    return records
 
 
-__all__ = ["MODEL_NAME", "Example", "default_model_dir", "drug_reviews_zip", "is_default_model", "load_drug_reviews",
+__all__ = ["MODEL_NAME", "Example", "Review", "default_model_dir", "drug_review_records",
+           "drug_reviews_zip", "is_default_model", "load_drug_reviews",
            "model_installed"]

@@ -33,9 +33,10 @@ RANDOM_DEFAULTS: dict[str, dict[str, Any]] = {
 def resolve_model_dir(spec: str) -> Path | None:
     """The folder of a model spec, or None for a random architecture. Checks weights exist.
 
-    ``default`` is the embedded MiniLM, and so is its hub name (what adapters trained on it
-    record as their base) unless a folder of that name exists.
+    ``default`` is the embedded MiniLM and ``smollm2`` the embedded LLM, and so are their hub
+    names (what adapters trained on them record as their base) unless a folder of that name exists.
     """
+    from lorakit import embedded_llm
     from lorakit.embedded import default_model_dir, is_default_model
 
     if spec.startswith("random:"):
@@ -43,8 +44,10 @@ def resolve_model_dir(spec: str) -> Path | None:
     folder = Path(spec)
     if is_default_model(spec) and not folder.is_dir():
         return default_model_dir()
+    if embedded_llm.is_embedded_llm(spec) and not folder.is_dir():
+        return embedded_llm.model_dir()
     if not folder.is_dir():
-        raise ConfigError(f"model {spec!r} is neither a folder, 'default', nor 'random:<arch>'")
+        raise ConfigError(f"model {spec!r} is neither a folder, 'default', 'smollm2', nor 'random:<arch>'")
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model folder {folder} has no config.json")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
@@ -54,12 +57,14 @@ def resolve_model_dir(spec: str) -> Path | None:
 
 def loads_offline(spec: str) -> bool:
     """Whether :func:`resolve_model_dir` can find ``spec`` on this machine: a random architecture,
-    the embedded model (by ``default`` or its hub name) with its package installed, or a folder."""
+    an embedded model (by its short or hub name) with its package installed, or a folder."""
+    from lorakit import embedded_llm
     from lorakit.embedded import is_default_model, model_installed
 
     if spec.startswith("random:") or Path(spec).is_dir():
         return True
-    return is_default_model(spec) and model_installed()
+    return (is_default_model(spec) and model_installed()) or (embedded_llm.is_embedded_llm(spec)
+                                                              and embedded_llm.installed())
 
 
 def name_for_files(spec: str) -> str | None:
@@ -70,12 +75,15 @@ def name_for_files(spec: str) -> str | None:
     (relative stays relative, as with ``from_pretrained``), None for a random architecture,
     which no one can load by name.
     """
+    from lorakit import embedded_llm
     from lorakit.embedded import MODEL_NAME, is_default_model
 
     if spec.startswith("random:"):
         return None
     if is_default_model(spec) and not Path(spec).is_dir():
         return MODEL_NAME
+    if embedded_llm.is_embedded_llm(spec) and not Path(spec).is_dir():
+        return embedded_llm.HUB_NAME
     return spec
 
 
