@@ -333,3 +333,40 @@ def test_a_base_mismatch_names_the_command_line_flag(classify_run, tmp_path, cap
     err = capsys.readouterr().err
     assert "--ignore-fingerprint" in err and "check_fingerprint" not in err
     assert main([*args, "--ignore-fingerprint"]) == 0
+
+
+def test_json_answers_report_the_share_that_parses_before_and_after(tmp_path, monkeypatch):
+    """References that are all JSON add a valid-JSON figure, from greedy answers of the examples
+    that are not exact matches; the base's answers are generated once, not per candidate."""
+    import lorakit.evaluation.run as run
+    from lorakit.evaluation.formats import reference_format, valid_json
+
+    assert reference_format(['{"a": 1}', "[1, 2]"]) == "json"
+    assert reference_format(['{"a": 1}', "plain"]) is None and reference_format(["1"]) is None
+    assert valid_json('{"drug": "x"}') and not valid_json('{"drug": ') and not valid_json('"text"')
+    base = lorakit.train.models.load_model(LLAMA, "causal-lm", seed=0)
+    adapted = lorakit.adapt(base, lorakit.AdapterConfig(r=4, target_modules=("q_proj", "v_proj")))
+    lorakit.save_adapter(adapted, tmp_path / "zero")
+    rows = [{"prompt": f"review {i}", "completion": json.dumps({"n": i})} for i in range(10)]
+    data = write_jsonl(tmp_path / "task.jsonl", rows)
+    generated = []
+
+    def canned(model, name, data, indices, tokenizer, **kwargs):
+        generated.append((name, len(indices)))
+        if name is None:
+            return ["Sure! Here is the JSON you asked for"] * len(indices)
+        return ['{"n": 0}' if i else '{"n": ' for i in indices]
+
+    monkeypatch.setattr(run, "greedy_answers", canned)
+    out = tmp_path / "report"
+    assert main(["eval", "--adapter", str(tmp_path / "zero"), "--model", LLAMA, "--task", "causal-lm", "--data",
+                 str(data), "--general", "none", "--keep", str(data), "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    figure = report["task"]["valid_json"]
+    assert (figure["base"], figure["adapted"]) == (0.0, 0.9) and figure["difference_ci"][0] <= 0.9
+    assert "valid JSON 0.0% → 90.0%" in (out / "report.md").read_text()
+    assert [name for name, _ in generated if name is None].count(None) == 2  # keep listing + valid JSON, once
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "q", "completion": " a"}] * 4)
+    assert main(["eval", "--adapter", str(tmp_path / "zero"), "--model", LLAMA, "--task", "causal-lm", "--data",
+                 str(plain), "--general", "none", "--quiet", "--out", str(tmp_path / "plain")]) == 0
+    assert "valid_json" not in json.loads((tmp_path / "plain" / "report.json").read_text())["task"]

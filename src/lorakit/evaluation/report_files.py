@@ -73,6 +73,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             if "token_loss" in task:
                 t = task["token_loss"]
                 lines.append(f"    per-token loss {_num(t['base'])} → {_num(t['adapted'])} nats")
+            if "valid_json" in task:
+                v = task["valid_json"]
+                lines.append(f"    valid JSON {_pct(v['base'])} → {_pct(v['adapted'])} of the greedy answers "
+                             f"(95% CI of the change {_ci(v['difference_ci'], True)})")
         k = c["keep"]
         lines.append(f"  keep ({k['source']}): {k['flips_right_to_wrong']} right→wrong, {k['flips_wrong_to_right']} "
                      f"wrong→right of {k['examples']} (base right on {k['base_correct']}); mean KL(base‖adapted) "
@@ -106,6 +110,10 @@ def markdown(report: dict[str, Any]) -> str:
             change = f"{100 * t['difference']:+.1f} pts" if pct else f"{t['difference']:+.4g}"
             out.append(f"| {constituent}: {t['source']} | {t['metric_name']} | {f(t['base'])} | {f(t['adapted'])} | "
                        f"{change} {_ci(t['difference_ci'], pct)} |")
+            if "valid_json" in t:
+                v = t["valid_json"]
+                out.append(f"| | valid JSON | {_pct(v['base'])} | {_pct(v['adapted'])} | "
+                           f"{100 * v['difference']:+.1f} pts {_ci(v['difference_ci'], True)} |")
         k = c["keep"]
         out += ["", f"Keep set {k['source']}: **{k['flips_right_to_wrong']} right→wrong**, "
                 f"{k['flips_wrong_to_right']} wrong→right, mean KL {_num(k['mean_kl'])} per {k['kl_unit']}.", ""]

@@ -19,7 +19,9 @@ import torch
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.evaluation import regression as R
+from lorakit.evaluation import statistics as S
 from lorakit.evaluation.diagnose import warnings_for
+from lorakit.evaluation.formats import reference_format, valid_json
 from lorakit.evaluation.parity import parity
 from lorakit.evaluation.passes import Paired, greedy_answers, only, paired_pass
 from lorakit.evaluation.sources import (
@@ -78,6 +80,7 @@ class Context:
     passes: int = 0  # forward passes over examples, for the cost line
     untrained_head: bool = False  # the base has no trained classification head: the adapter brings it
     chat_template: str | None = None  # whose template chats are read with (causal LMs)
+    valid_json_cache: dict[Any, torch.Tensor] = field(default_factory=dict)  # the base's, per task file
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
@@ -208,6 +211,8 @@ def _candidate(ctx: Context, name: str, constituents: list[str], own_task: dict[
         spec = own_task[constituent]
         paired_by_set[spec] = paired_by_set.get(spec) or _pass(ctx, name, sets[spec])
         tasks[constituent] = R.task_section(sets[spec], paired_by_set[spec], options.bootstrap, options.seed)
+        if sets[spec].task == "causal-lm" and reference_format(sets[spec].references) == "json":
+            tasks[constituent]["valid_json"] = _valid_json(ctx, name, sets[spec], paired_by_set[spec])
     own_spec = own_task[constituents[0]]
     keep_specs = options.keep or [own_spec]
     sections = []
@@ -231,6 +236,27 @@ def _candidate(ctx: Context, name: str, constituents: list[str], own_task: dict[
         "plots": _plot_points(paired_by_set[keep_specs[0]]),
     }
     return {"warnings": warnings_for(name, first, paired_by_set[own_spec], section), **section}
+
+
+def _valid_json(ctx: Context, name: str, data: EvalSet, paired: Paired) -> dict[str, Any]:
+    """The share of greedy answers that parse as JSON, base and adapted, with paired intervals.
+    An exact match's answer is the reference, so only the others are generated; the base's
+    answers are the same for every candidate and generated once."""
+    valid = {}
+    for who, adapter, outcomes in (("base", None, paired.base), ("adapted", name, paired.adapted)):
+        key = (who, data.source) if who == "base" else None
+        if key in ctx.valid_json_cache:
+            valid[who] = ctx.valid_json_cache[key]
+            continue
+        wrong = [i for i in range(len(data)) if not outcomes.correct[i]]
+        texts = dict(zip(wrong, greedy_answers(ctx.model, adapter, data, wrong, ctx.tokenizer, device=ctx.device),
+                         strict=True))
+        valid[who] = torch.tensor([1.0 if i not in texts or valid_json(texts[i]) else 0.0 for i in range(len(data))])
+        if key is not None:
+            ctx.valid_json_cache[key] = valid[who]
+        ctx.passes += len(wrong)
+    return S.paired(S.mean_of(valid["base"]), S.mean_of(valid["adapted"]), len(data), ctx.options.bootstrap,
+                    ctx.options.seed)
 
 
 def _listed_answers(ctx: Context, name: str, data: EvalSet, paired: Paired) -> dict[str, dict[int, str]]:

@@ -197,7 +197,7 @@ def _lm_set(spec: str, reading: Reading) -> EvalSet:
             continue
         kept.encoded.append(encoded)
         kept.texts.append(example.prompt)
-        kept.references.append(example.completion)
+        kept.references.append(example.reference)
         kept.prompts.append([t for t, label in zip(encoded.input_ids, encoded.labels, strict=True)
                              if label == B.IGNORE])
     if not kept.encoded:

@@ -204,6 +204,9 @@ class LMExample:
     # False for text a chat template rendered: the template writes every special token itself
     # (transformers tokenizes it so too), and the tokenizer must not add another BOS.
     special_tokens: bool = True
+    # chat: the last assistant message as written (the completion also holds the template's
+    # closing tokens); what an evaluation shows and compares answers with
+    answer: str | None = None
 
     @classmethod
     def of(cls, prompt: str, completion: str) -> LMExample:
@@ -218,6 +221,11 @@ class LMExample:
     def completion(self) -> str:
         """The last answer: what the model should say after :attr:`prompt`."""
         return self.pieces[-1].text
+
+    @property
+    def reference(self) -> str:
+        """The last answer as a person wrote it (without a chat template's closing tokens)."""
+        return self.answer if self.answer is not None else self.completion
 
 
 def lm_examples(rows: list[dict[str, Any]], source: str, tokenizer: Any = None, turns: str = "all"
@@ -266,4 +274,5 @@ def _chat_example(messages: Any, where: str, tokenizer: Any, turns: str) -> LMEx
     except chat.TemplateError as exc:
         raise DataError(f"{where}: {exc}") from exc
     # lorakit's default template is plain text: the tokenizer adds its special tokens as for any prompt
-    return LMExample(tuple(pieces), special_tokens=not chat.has_template(tokenizer))
+    return LMExample(tuple(pieces), special_tokens=not chat.has_template(tokenizer),
+                     answer=str(messages[-1]["content"]))
