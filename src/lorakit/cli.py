@@ -44,16 +44,20 @@ def _merge_parser(parser: argparse.ArgumentParser) -> None:
 
 def _combine(args: argparse.Namespace) -> int:
     from lorakit.combine_files import combine_folders
+    from lorakit.io.adapter_files import base_model_for
 
-    combine_folders(args.model, args.adapters.split(","), [float(w) for w in args.weights.split(",")], args.out,
-                    kind=args.type, density=args.density, rank=args.rank, seed=args.seed)
+    folders = args.adapters.split(",")
+    weights = [float(w) for w in args.weights.split(",")]
+    combine_folders(base_model_for(folders[0], args.model), folders, weights, args.out, kind=args.type,
+                    density=args.density, rank=args.rank, seed=args.seed)
     return 0
 
 
 def _combine_parser(parser: argparse.ArgumentParser) -> None:
     from lorakit.combine import COMBINATIONS
 
-    parser.add_argument("--model", required=True, help="base model folder, or 'default'")
+    parser.add_argument("--model", default=None,
+                        help="base model folder, 'default' or 'smollm2' (default: the base the first adapter records)")
     parser.add_argument("--adapters", required=True, help="comma-separated adapter or run folders")
     parser.add_argument("--weights", required=True, help="comma-separated weights, one per adapter (may be negative)")
     parser.add_argument("--type", default="linear", choices=COMBINATIONS, help="how to combine")

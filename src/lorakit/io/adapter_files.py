@@ -89,7 +89,7 @@ def base_model_for(directory: str | Path, given: str | None) -> str:
         raise ConfigError(f"give --model: {directory} does not record which base model it was trained on")
     if not loads_offline(recorded):
         raise ConfigError(f"give --model: {directory} was trained on {recorded!r}, which is not a model folder on "
-                          "this machine (nor the embedded default)")
+                          "this machine (nor an embedded model)")
     return recorded
 
 
