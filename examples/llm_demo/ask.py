@@ -15,8 +15,9 @@ import textwrap
 import time
 from pathlib import Path
 
-QUESTIONS = ("data/json_eval.jsonl", "data/condition_eval.jsonl")  # the first review of each task
-COLUMN = 38
+# the first review of each task, then a general question the base answers right (what did they break?)
+QUESTIONS = ("data/json_eval.jsonl", "data/condition_eval.jsonl", "keep.jsonl")
+COLUMN = 30
 
 
 def free_port() -> int:
@@ -52,6 +53,7 @@ def side_by_side(columns: dict[str, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapters", required=True, help="the demo's run folder (holds json/, condition/, data/)")
+    parser.add_argument("--keep", default="examples/llm_demo/keep.jsonl", help="general questions the base gets right")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--max-tokens", type=int, default=40)
     args = parser.parse_args()
@@ -67,9 +69,10 @@ def main() -> None:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         served = [m.id for m in client.models.list().data]
         print(f"lorakit serve --model {args.model} --adapters {root} (port {port}) serves: {', '.join(served)}")
-        names = [n for n in ("base", "json", "condition") if n in served]
+        names = [n for n in ("base", "json", "condition", "combined") if n in served]
         for file in QUESTIONS:
-            row = json.loads((root / file).read_text(encoding="utf-8").splitlines()[0])
+            path = Path(args.keep) if file == "keep.jsonl" else root / file
+            row = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
             question = row["messages"][0]["content"]
             print(f"\nQ: {question[:300]}{'…' if len(question) > 300 else ''}\n")
             answers = {}
