@@ -5,16 +5,19 @@ names (``base_model.model.<path>.lora_A.weight``). lorakit's own facts (the meth
 has no name for it, the base-weight fingerprint, the vocabulary size) travel in the
 safetensors header metadata, which PEFT ignores.
 
-Adapters whose update does not fit PEFT's plain form (PiSSA / gradient-SVD offsets, Delta-LoRA
-shifts of W) are exported as the exact plain LoRA of rank r + k that reproduces the trained
-model on the untouched base.
+Which tensors a module's adapter writes, and under which names, is its method's business
+(``file_tensors`` / ``file_copies`` / ``expected_shapes``, :mod:`lorakit.methods.base`): LoRA
+exports PiSSA / gradient-SVD offsets and Delta-LoRA shifts of W as the exact plain LoRA of rank
+r + k that reproduces the trained model on the untouched base. A method PEFT lacks is saved in
+the same layout under lorakit's own ``peft_type``; lorakit loads it back exactly, PEFT refuses it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +26,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.config import AdapterConfig
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.finite import first_non_finite
-from lorakit.io.adapter_checks import PREFIX, Plan, check_against_model, vocab_size
+from lorakit.io.adapter_checks import PREFIX, SHARED_PREFIX, Plan, check_against_model, vocab_size
 from lorakit.io.atomic import write_atomically, write_text_atomically
 from lorakit.io.peft_config import from_peft_dict, task_type_of, to_peft_dict
 from lorakit.io.safetensors_reader import SafetensorsError, file_identity, open_tensors
 from lorakit.kinds import Conv1DKind
-from lorakit.methods import DoRA, LoRA, VeRA
-from lorakit.methods.lora import factors_filled_by_caller
+from lorakit.methods import METHODS, method_class
+from lorakit.methods.base import values_filled_by_caller
 from lorakit.model import AdaptedModel
 from lorakit.targets import plain_modules
 
@@ -119,28 +122,15 @@ def save_adapter(
     config = model.configs.get(name)
     if config is None:
         model._require(name)
+    cls = method_class(config.method)
     methods = model.adapter_modules(name)
     layers = model.layers_of(name)
     tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
     for path, method in methods.items():
-        kind = layers[path].kind
-        key = PREFIX + path + "."
-        if isinstance(method, VeRA):
-            tensors[key + "vera_lambda_b"] = method.vera_lambda_b
-            tensors[key + "vera_lambda_d"] = method.vera_lambda_d
-            continue
-        A, B, r, alpha = _plain_lora_factors(method, config, path)
-        tensors[key + kind.peft_a_key] = kind.a_to_file(A)
-        tensors[key + kind.peft_b_key] = kind.b_to_file(B)
-        ranks[path], alphas[path] = r, alpha
-        if isinstance(method, DoRA):
-            tensors[key + "lora_magnitude_vector"] = kind.magnitude_to_file(method.lora_magnitude_vector)
-    if config.method == "vera":
-        projections = model.vera_projections[name]
-        tensors["base_model.vera_A"] = projections.vera_A
-        tensors["base_model.vera_B"] = projections.vera_B
+        tensors.update({PREFIX + path + "." + k: v for k, v in method.file_tensors().items()})
+    if methods:
+        shared = cls.shared_file_tensors(model.shared_state_of(name))
+        tensors.update({SHARED_PREFIX + k: v for k, v in shared.items()})
     saved_paths = []
     for path, saved in model.saved_modules().items():
         if name in saved.copies:
@@ -150,7 +140,7 @@ def save_adapter(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
     peft = to_peft_dict(
-        config, list(methods), saved_paths, ranks, alphas,
+        config, methods, saved_paths,
         uses_conv1d=any(isinstance(layer.kind, Conv1DKind) for layer in layers.values()),
         base_model_name_or_path=base_model_name_or_path, module_names=plain_modules(model.model),
         task_type=task_type_of(model.model),
@@ -161,7 +151,7 @@ def save_adapter(
             **(extra_metadata or {}),  # lorakit's own keys below win
             "version": FORMAT_VERSION,
             "method": config.method,
-            "config": _config_to_json(config),
+            "config": config.to_json(),
             "fingerprints": {path: layer.fingerprint for path, layer in layers.items()},
             "vocab_size": vocab_size(model.model),
         }),
@@ -169,26 +159,11 @@ def save_adapter(
     directory = Path(directory)
     write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_text_atomically(directory / CONFIG_NAME, json.dumps(peft, indent=2, sort_keys=True) + "\n")
+    if cls.peft_type is None:
+        log.warning("saved adapter %r (%s) to %s with peft_type %s: PEFT has no such method, so PEFT's loader "
+                    "refuses this folder; lorakit loads it (lorakit.load_adapter, lorakit serve)", name,
+                    config.method, directory, cls.file_type())
     return directory
-
-
-def _plain_lora_factors(
-    method: LoRA, config: AdapterConfig, path: str
-) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """(A, B, r, alpha) as PEFT stores them, exporting offsets and shifts as extra rank."""
-    r, alpha = config.rank_for(path), config.alpha_for(path)
-    if method.offset_A.shape[0] == 0 and method.shift_A.shape[0] == 0:
-        return method.lora_A, method.lora_B, r, alpha
-    A, B_scaled = method.exported_factors()
-    r_total = A.shape[0]
-    s = method.scaling
-    alpha_total = s * (r_total**0.5 if config.use_rslora else r_total)  # keeps s unchanged
-    return A, B_scaled / s, r_total, alpha_total
-
-
-def _config_to_json(config: AdapterConfig) -> dict[str, Any]:
-    data = asdict(config)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,22 +210,35 @@ def read_adapter(directory: str | Path) -> AdapterFile:
         raise AdapterFileError(f"{weights_path}: its lorakit metadata is not valid JSON ({exc})") from exc
     config = from_peft_dict(raw, str(config_path))
     if lorakit is not None:
-        config = _restore_lorakit_fields(config, lorakit)
+        config = _restore_lorakit_fields(config, lorakit, str(weights_path))
     bad = first_non_finite(list(tensors.values()))
     if bad is not None:
         raise AdapterFileError(f"{weights_path}: tensor {list(tensors)[bad]} holds NaN or Inf values")
     return AdapterFile(config, tensors, lorakit, str(directory), mapped.identity)
 
 
-def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any]) -> AdapterConfig:
-    """Bring back what PEFT's format cannot say (LoRA-FA's frozen A, the saved target rule)."""
-    saved = lorakit.get("config", {})
+def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any], source: str) -> AdapterConfig:
+    """Bring back what PEFT's format cannot say: the method, when another one writes the same
+    ``peft_type`` (LoRA-FA's frozen A is a plain LORA file), and the method's options."""
+    saved = lorakit.get("config")
+    saved = saved if isinstance(saved, dict) else {}
     changes: dict[str, Any] = {}
-    if lorakit.get("method") == "lora-fa" and config.method == "lora":
-        changes["method"] = "lora-fa"
-    if "vera_seed" in saved and config.method == "vera":
-        changes["vera_seed"] = saved["vera_seed"]
-    return config.with_changes(**changes) if changes else config
+    recorded = METHODS.get(lorakit.get("method"))
+    current = method_class(config.method)
+    if recorded is not None and recorded is not current and recorded.file_type() == current.file_type() \
+            and recorded.additive == current.additive:
+        changes["method"] = recorded.method_name
+    if config.method == saved.get("method", lorakit.get("method")):
+        if isinstance(saved.get("options"), dict):
+            changes["options"] = saved["options"]
+        elif "vera_seed" in saved:  # files written before options existed
+            changes["vera_seed"] = saved["vera_seed"]
+    if not changes:
+        return config
+    try:
+        return config.with_changes(**changes)
+    except ConfigError as exc:
+        raise AdapterFileError(f"{source}: its lorakit metadata does not fit its config: {exc}") from exc
 
 
 def load_adapter(
@@ -344,7 +332,7 @@ def _attach(
     adapted: AdaptedModel, name: str, adapter: AdapterFile, plan: Plan, *, trainable: bool, activate: bool | None
 ) -> None:
     """Build adapter ``name`` for a checked file and fill it with the file's values."""
-    with factors_filled_by_caller():  # _copy_tensors fills every factor
+    with values_filled_by_caller():  # _copy_tensors fills every tensor the file holds
         adapted.add_adapter(name, adapter.config, activate=activate, every_target=False)
     try:
         _copy_tensors(_copy_pairs(adapted, name, adapter))
@@ -362,22 +350,13 @@ def _copy_pairs(adapted: AdaptedModel, name: str, adapter: AdapterFile) -> list[
     """(a tensor adapter ``name`` holds, the file's value for it) for every tensor a load writes:
     the one place that maps the file's keys to the adapter's tensors (loads and hot swaps)."""
     tensors = adapter.tensors
-    layers = adapted.layers_of(name)
+    methods = adapted.adapter_modules(name)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for path, layer in layers.items():
-        method, kind, key = layer.adapters[name], layer.kind, PREFIX + path + "."
-        if isinstance(method, VeRA):
-            pairs += [(method.vera_lambda_b, tensors[key + "vera_lambda_b"]),
-                      (method.vera_lambda_d, tensors[key + "vera_lambda_d"])]
-            continue
-        pairs += [(method.lora_A, kind.a_from_file(tensors[key + kind.peft_a_key])),
-                  (method.lora_B, kind.b_from_file(tensors[key + kind.peft_b_key]))]
-        if isinstance(method, DoRA):
-            pairs.append((method.lora_magnitude_vector, tensors[key + "lora_magnitude_vector"].reshape(-1)))
-    if adapter.config.method == "vera":
-        projections = adapted.vera_projections[name]
-        pairs += [(projections.vera_A, tensors["base_model.vera_A"]),
-                  (projections.vera_B, tensors["base_model.vera_B"])]
+    for path, method in methods.items():
+        pairs += method.file_copies(_Under(tensors, PREFIX + path + "."))
+    if methods:
+        cls = method_class(adapter.config.method)
+        pairs += cls.shared_file_copies(adapted.shared_state_of(name), _Under(tensors, SHARED_PREFIX))
     for path, saved in adapted.saved_modules().items():
         if name in saved.copies:
             prefix = PREFIX + path + "."
@@ -407,8 +386,7 @@ def _in_place_pairs(
     if sorted(layers) != sorted(plan.targets) or sorted(saved) != sorted(plan.saved):
         return None
     for layer in layers.values():
-        method = layer.adapters[name]
-        if name in layer.merged or (isinstance(method, LoRA) and (method.offset_A.shape[0] or method.shift_A.shape[0])):
+        if name in layer.merged or not layer.adapters[name].load_restores_all():
             return None
     loaded_dtype = {id(copy): original.dtype for module in saved.values()  # a load deep-copies the original
                     for copy, original in zip(module.copies[name].state_dict(keep_vars=True).values(),
@@ -418,6 +396,23 @@ def _in_place_pairs(
     if any(dst.shape != src.shape or dst.dtype != loaded_dtype.get(id(dst), default) for dst, src in pairs):
         return None
     return pairs
+
+
+class _Under(Mapping):
+    """The file's tensors whose keys start with ``prefix``, by the rest of the key (no copy of the dict)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        self.tensors, self.prefix = tensors, prefix
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[self.prefix + name]
+
+    def __iter__(self):
+        n = len(self.prefix)
+        return (k[n:] for k in self.tensors if k.startswith(self.prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 @torch.no_grad()
