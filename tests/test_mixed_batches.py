@@ -252,8 +252,8 @@ def test_a_changed_adapter_reaches_the_next_mixed_batch(change):
 
 
 def test_training_between_mixed_batches_keeps_the_plan_state_bounded():
-    """Each in-place change gives an adapter a new token; a layer remembers one token per adapter,
-    not every token it has seen."""
+    """Each in-place change gives an adapter a new version stamp; a layer remembers one stamp per
+    adapter, not every stamp it has seen."""
     am = lorakit.adapt(tiny_llama(layers=1), lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), "a")
     am.add_adapter("b", lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), activate=False)
     randomise(am, seed=1)
@@ -266,3 +266,19 @@ def test_training_between_mixed_batches_keeps_the_plan_state_bounded():
             mixed = am(input_ids=ids, adapter_names=["a", "b"]).logits
             assert len(layer.mix_state.confirmed) == 2
         assert_close(mixed[0], alone(am, "a", ids[:1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_an_embedding_with_max_norm_is_refused_not_served_differently():
+    """Stacked factors are read by token id, which max_norm's renormalisation of looked-up rows
+    would change: a mixed batch through such an embedding is refused before anything is computed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6, max_norm=1.0), nn.Linear(6, 3))
+    am = lorakit.adapt(model, lorakit.AdapterConfig(r=2, target_modules=["0", "1"]), "a")
+    randomise(am)
+    x = torch.randint(0, 10, (2, 4))
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="embedding with max_norm"):
+        am(x, adapter_names=["a", "base"])
+    plain = lorakit.adapt(nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 3)),
+                          lorakit.AdapterConfig(r=2, target_modules=["0", "1"]), "a")
+    with torch.no_grad():
+        plain(x, adapter_names=["a", "base"])  # without max_norm: served

@@ -160,17 +160,16 @@ class AdapterMethod(nn.Module):
         elif dataclasses.is_dataclass(given) and not isinstance(given, type):
             given = dataclasses.asdict(given)
         if not isinstance(given, Mapping):
-            raise ConfigError(f"options of method {cls.method_name!r} must be a mapping of names to values, "
-                              f"got {given!r}")
+            raise ConfigError(f"options of {cls.display_name()} must be a mapping of names to values, got {given!r}")
         known = [f.name for f in dataclasses.fields(cls.Options)]
         unknown = sorted(set(given) - set(known))
         if unknown:
             has = f"its options are {', '.join(known)}" if known else "it has none"
-            raise ConfigError(f"method {cls.method_name!r} has no option {', '.join(map(repr, unknown))}; {has}")
+            raise ConfigError(f"{cls.display_name()} has no option {', '.join(map(repr, unknown))}; {has}")
         try:
             return cls.Options(**given)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"options of method {cls.method_name!r}: {exc}") from exc
+            raise ConfigError(f"options of {cls.display_name()}: {exc}") from exc
 
     @classmethod
     def check_config(cls, config: AdapterConfig) -> None:
