@@ -35,6 +35,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -252,9 +253,8 @@ def _write(stack: Stack, slot: int, method: AdapterMethod, pair: tuple[torch.Ten
     stack.keys[slot] = adapter_key(method, base_layer)
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """One layer's part of a mixed batch (:func:`plan_batch`)."""
+class BatchPlan(NamedTuple):
+    """One layer's part of a mixed batch (:func:`plan_batch`); a tuple, as one is made per layer per batch."""
 
     rows: torch.Tensor  # (batch,) on the layer's device: the stack slot of each row (0: no stacked update)
     rank: int  # the largest rank among those slots (0: no row's stacked adapter is on this layer)

@@ -18,6 +18,7 @@ from torch import nn
 from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterNotFoundError, ConfigError
 from lorakit.inits import initialise
+from lorakit.io.attaching import replace_adapter as _replace_adapter
 from lorakit.kinds import kind_for
 from lorakit.kinds_quantized import base_fingerprint, quantized_kind
 from lorakit.layer import AdaptedLayer, refuse_unmergeable
@@ -31,7 +32,7 @@ from lorakit.targets import matches_rules, plain_modules, resolve_targets
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from lorakit.io.adapter_files import AdapterFile
+    from lorakit.io.reading import AdapterFile
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 
@@ -179,11 +180,9 @@ class AdaptedModel(nn.Module):
 
         The file is checked completely (values, keys, shapes, fingerprint) before the old adapter
         is touched; on any error the served set is unchanged. A retrained version of the same
-        adapter is copied into the old one's tensors; see :func:`lorakit.io.adapter_files.replace_adapter`.
+        adapter is copied into the old one's tensors; see :func:`lorakit.io.attaching.replace_adapter`.
         """
-        from lorakit.io.adapter_files import replace_adapter
-
-        replace_adapter(self, name, directory, **load_options)
+        _replace_adapter(self, name, directory, **load_options)
 
     def rename_adapter(self, old: str, new: str) -> None:
         self._require(old)
