@@ -28,7 +28,7 @@ from torch.testing import assert_close
 import lorakit
 from lorakit.combine import combine_adapters
 from lorakit.kinds_base import LayerKind
-from lorakit.methods import METHODS, AdapterMethod, register_method, unregister_method
+from lorakit.methods import METHODS, AdapterMethod, LoRA, register_method, unregister_method
 
 NAME = "silu-gate"
 
@@ -288,6 +288,38 @@ def test_a_batch_of_lora_rows_only_is_untouched_by_it(registered):
         mixed = am(input_ids=ids(batch=2), adapter_names=["lora", "base"]).logits
         assert_close(mixed[0], alone(am, "lora", ids(batch=2)[:1])[0], atol=1e-5, rtol=1e-5)
     assert all(layer.batch_plan is None for layer in am.adapted_layers().values())
+
+
+# -- a variant PEFT reads as plain LoRA ------------------------------------------------------------
+@dataclass(frozen=True)
+class SketchOptions:
+    sketch: int = 0  # a training-only setting: the forward is LoRA's
+
+
+class SketchLoRA(LoRA):
+    """LoRA's forward and files (PEFT reads them as plain LoRA), with an option of its own, as a
+    method that changes only training (a custom backward) would be."""
+
+    method_name = "lora-sketch"
+    title = ""
+    Options = SketchOptions
+
+
+def test_a_lora_variant_ships_as_plain_lora_and_comes_back_as_itself(tmp_path):
+    register_method(SketchLoRA)
+    try:
+        torch.manual_seed(0)
+        base = ToyNet().eval()
+        for i, check in enumerate(CHECKS):  # PEFT loads its folder with equal outputs, among the rest
+            check(base, "lora-sketch", "default", tmp_path / str(i))
+        am = lorakit.adapt(tiny_llama(layers=1), lorakit.AdapterConfig(method="lora-sketch", r=2, options={"sketch": 5},
+                                                                       target_modules=["q_proj"]))
+        lorakit.save_adapter(am, tmp_path / "sketch")
+        assert json.loads((tmp_path / "sketch" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        back = lorakit.load_adapter(tiny_llama(layers=1), tmp_path / "sketch").configs["default"]
+        assert back.method == "lora-sketch" and back.options == SketchOptions(sketch=5)
+    finally:
+        unregister_method("lora-sketch")
 
 
 # -- LoRA+ ---------------------------------------------------------------------------------------

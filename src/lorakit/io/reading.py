@@ -9,6 +9,7 @@ PEFT ignores. :func:`read_adapter` gives an :class:`AdapterFile`; attaching it t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +152,8 @@ def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any], sour
     if recorded is not None and recorded is not current and recorded.file_type() == current.file_type() \
             and recorded.additive == current.additive:
         changes["method"] = recorded.method_name
-    if config.method == saved.get("method", lorakit.get("method")):
-        if isinstance(saved.get("options"), dict):
+    if changes.get("method", config.method) == saved.get("method", lorakit.get("method")):
+        if isinstance(saved.get("options"), dict) and saved["options"] != dataclasses.asdict(config.options):
             changes["options"] = saved["options"]
         elif "vera_seed" in saved:  # files written before options existed
             changes["vera_seed"] = saved["vera_seed"]

@@ -16,8 +16,8 @@ What a method declares (class attributes):
     mergeable          its update is a change of W: merge, unmerge, merge_and_unload and
                        ``lorakit merge`` accept it (``why_not_mergeable`` says why not)
     mixable            ``factors()`` (and ``output_scale``) give each row's update, so mixed batches
-                       stack it with other adapters; rows of a method that is not run through its
-                       own ``forward`` instead (exact, one call per such adapter in the batch)
+                       stack it with other adapters; the rows of a method that is not mixable run
+                       through its own ``forward`` instead (exact; one call per such adapter)
     combinable         ``exported_factors()`` give its whole update as ΔW = B A: combine accepts it
     additive           a merge is W + ΔW (False for DoRA, which rescales rows)
     reads_base_weight  its output depends on W beyond W x (DoRA's norm): cached copies of its
@@ -39,7 +39,8 @@ What it implements (defaults in brackets):
     forward(x, base_out, base_layer)      the layer output with its update [base_out + B A x]
     fused_factors()                       (A, B, s) for the one-node training path [from factors]
     factors(), output_scale(base_layer)   its update as factors (mixable, mergeable, combinable)
-    merged_weight / unmerged_weight       W with its update written in / taken out [W ± B A]
+    delta_weight()                        its update as an (out, in) matrix, for merging [B A]
+    merged_weight / unmerged_weight       W with its update written in / taken out [W ± delta_weight()]
     exported_factors()                    the whole change from the original W as factors [factors]
     take_combination(A, B_scaled, inputs) become a combination of adapters (combine) [refuse]
     weight_shift()                        a change it made to W in memory, undone on removal [None]
@@ -269,11 +270,19 @@ class AdapterMethod(nn.Module):
         adapters merged in the same call); only methods whose update depends on W (DoRA) use it,
         so that merging several adapters at once gives what running them unmerged gave.
         """
+        self._refuse_unless_mergeable()
         return W + self.delta_weight()
 
     def unmerged_weight(self, W_merged: torch.Tensor) -> torch.Tensor:
         """Invert :meth:`merged_weight` on float32 (out, in) values."""
+        self._refuse_unless_mergeable()
         return W_merged - self.delta_weight()
+
+    def _refuse_unless_mergeable(self) -> None:
+        """For callers that reach the weight arithmetic without asking first (AdaptedLayer and
+        AdaptedModel check every adapter before changing anything)."""
+        if not self.mergeable:
+            raise ConfigError(f"{self.display_name()} cannot be merged: {self.why_not_mergeable}; serve it unmerged")
 
     def weight_shift(self) -> torch.Tensor | None:
         """An (out, in) float32 change this adapter made to the base weight in memory (Delta-LoRA
