@@ -74,14 +74,14 @@ class AdaptedLayer(nn.Module):
         return None if factors is None else fused_linear(self.base_layer, x, *factors)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, inplace: bool) -> torch.Tensor:
-        plan = self.batch_plan
-        if plan.rank:
-            stacked = mixed_forward(self.kind, self.base_layer, out, x, plan.rows, plan.rank, self.mix_state.stack,
+        rows, rank, own_rows = self.batch_plan
+        if rank:
+            stacked = mixed_forward(self.kind, self.base_layer, out, x, rows, rank, self.mix_state.stack,
                                     inplace=inplace)
             inplace = inplace or stacked is not out  # a new tensor is ours to write into
             out = stacked
-        if plan.own_rows:
-            out = own_rows_forward(out, x, self.base_layer, plan.own_rows, inplace)
+        if own_rows:
+            out = own_rows_forward(out, x, self.base_layer, own_rows, inplace)
         return out
 
     # -- adapters ----------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +81,7 @@ class LayerMix:
     generation: int = -1  # the structure generation ``current`` belongs to
     current: dict = field(default_factory=dict)  # name → the stamp the stack is current at (or the name is not here)
     confirmed: frozenset = frozenset()  # current's items, for a subset test per batch
+    unmixable: frozenset = frozenset()  # names of the adapters here that are not mixable (as of ``generation``)
     # (names, slot of each name with 0 first, largest rank among them, (adapter name, its batch slot)
     # for the batch's adapters on this layer that are not mixable)
     last: tuple | None = None
@@ -253,12 +253,12 @@ def _write(stack: Stack, slot: int, method: AdapterMethod, pair: tuple[torch.Ten
     stack.keys[slot] = adapter_key(method, base_layer)
 
 
-class BatchPlan(NamedTuple):
-    """One layer's part of a mixed batch (:func:`plan_batch`); a tuple, as one is made per layer per batch."""
-
-    rows: torch.Tensor  # (batch,) on the layer's device: the stack slot of each row (0: no stacked update)
-    rank: int  # the largest rank among those slots (0: no row's stacked adapter is on this layer)
-    own_rows: tuple = ()  # (method, its rows' indices on the device) for rows of non-mixable adapters
+# One layer's part of a mixed batch (:func:`plan_batch`), a plain tuple (one is made per layer per
+# batch, so its cost counts at every decoding step):
+#   rows      (batch,) on the layer's device: the stack slot of each row (0: no stacked update)
+#   rank      the largest rank among those slots (0: no row's stacked adapter is on this layer)
+#   own_rows  ((method, its rows' indices on the device), ...) for the rows of non-mixable adapters
+BatchPlan = tuple[torch.Tensor, int, tuple]
 
 
 def plan_batch(layers: Sequence, names: tuple[str, ...], rows: torch.Tensor,
@@ -273,11 +273,13 @@ def plan_batch(layers: Sequence, names: tuple[str, ...], rows: torch.Tensor,
     """
     batch = frozenset(stamps.items())
     generation = next(iter(stamps.values()))[0] if stamps else -1
-    tables, ranks, owns = [], [], []
+    tables, ranks = [], []
+    owns: dict[int, tuple] = {}  # layer index → its non-mixable (name, batch slot) pairs, where there are any
     for layer in layers:
         mix: LayerMix = layer.mix_state
         if mix.generation != generation:
             mix.generation, mix.current, mix.confirmed = generation, {}, frozenset()
+            mix.unmixable = frozenset(n for n, m in layer.adapters.items() if not m.mixable)
         if not batch <= mix.confirmed:
             unconfirmed = [n for n, _ in batch - mix.confirmed]
             mix.stack = updated_stack(mix.stack, unconfirmed, layer.adapters, layer.kind, layer.base_layer)
@@ -287,27 +289,32 @@ def plan_batch(layers: Sequence, names: tuple[str, ...], rows: torch.Tensor,
         if mix.last is None or mix.last[0] != names:
             stack = mix.stack
             slots = [0, *(stack.slot_of.get(n, 0) for n in names)] if stack is not None else [0] * (len(names) + 1)
-            own = tuple((n, i) for i, n in enumerate(names, start=1)
-                        if n in layer.adapters and not layer.adapters[n].mixable)
+            own = tuple((n, i) for i, n in enumerate(names, start=1) if n in mix.unmixable) if mix.unmixable else ()
             mix.last = (names, slots, max(stack.ranks[s] for s in slots) if stack is not None else 0, own)
-        tables.append(mix.last[1])
-        ranks.append(mix.last[2])
-        owns.append(mix.last[3])
+        last = mix.last
+        tables.append(last[1])
+        ranks.append(last[2])
+        if last[3]:
+            owns[len(ranks) - 1] = last[3]
     plans: list = [None] * len(layers)
     if not layers:
         return plans
     per_row = torch.tensor(tables, dtype=torch.long)[:, rows]  # (layers, batch)
-    picked = {slot: (rows == slot).nonzero().flatten() for own in owns for _, slot in own}
+    picked = {slot: (rows == slot).nonzero().flatten() for own in owns.values() for _, slot in own}
     by_device: dict[torch.device, list[int]] = {}
     for i, layer in enumerate(layers):
         by_device.setdefault(layer.weight.device, []).append(i)
     for device, indices in by_device.items():
         on_device = per_row[indices].to(device)
+        if not owns:  # the usual case: every adapter of the batch is stacked
+            for j, i in enumerate(indices):
+                plans[i] = (on_device[j], ranks[i], ())
+            continue
         picked_here = {slot: index.to(device) for slot, index in picked.items()}
         for j, i in enumerate(indices):
-            own_rows = tuple((layers[i].adapters[n], picked_here[slot]) for n, slot in owns[i]
+            own_rows = tuple((layers[i].adapters[n], picked_here[slot]) for n, slot in owns.get(i, ())
                              if picked_here[slot].numel())
-            plans[i] = BatchPlan(on_device[j], ranks[i], own_rows)
+            plans[i] = (on_device[j], ranks[i], own_rows)
     return plans
 
 
