@@ -152,11 +152,12 @@ def _restore_lorakit_fields(config: AdapterConfig, lorakit: dict[str, Any], sour
     if recorded is not None and recorded is not current and recorded.file_type() == current.file_type() \
             and recorded.additive == current.additive:
         changes["method"] = recorded.method_name
-    if changes.get("method", config.method) == saved.get("method", lorakit.get("method")):
-        if isinstance(saved.get("options"), dict) and saved["options"] != dataclasses.asdict(config.options):
-            changes["options"] = saved["options"]
-        elif "vera_seed" in saved:  # files written before options existed
-            changes["vera_seed"] = saved["vera_seed"]
+    # Files written before methods had options hold none here (VeRA's seed and d_initial were, and
+    # are, in its PEFT config as well).
+    options = saved.get("options")
+    if changes.get("method", config.method) == saved.get("method", lorakit.get("method")) \
+            and isinstance(options, dict) and options != dataclasses.asdict(config.options):
+        changes["options"] = options
     if not changes:
         return config
     try:
