@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.io import adapter_files
+from lorakit.io import adapter_files, attaching, reading
 
 
 def seven_b(args: argparse.Namespace) -> torch.nn.Module:
@@ -85,15 +85,15 @@ def stats(ts: list[float]) -> list[str]:
     return [f"{c.median_ms(ts):.1f}", f"{1000 * p90:.1f}", f"{1000 * min(ts):.1f}"]
 
 
-LOAD_STEPS = {"read files (+ NaN/Inf check)": (adapter_files, "read_adapter"),
+LOAD_STEPS = {"read files (+ NaN/Inf check)": (reading, "read_adapter"),
               "check against the model": (adapter_files, "check_against_model"),
               "build the adapter's modules (add_adapter)": (lorakit.AdaptedModel, "add_adapter"),
-              "copy tensors in": (adapter_files, "_copy_tensors"),
+              "copy tensors in": (attaching, "_copy_tensors"),
               "freeze (inference only)": (lorakit.AdaptedModel, "freeze_adapter")}
-REPLACE_STEPS = {"read files (+ NaN/Inf check)": (adapter_files, "read_adapter"),
-                 "check against the model": (adapter_files, "check_against_model"),
-                 "match the served adapter's tensors": (adapter_files, "_in_place_pairs"),
-                 "copy tensors in": (adapter_files, "_copy_tensors")}
+REPLACE_STEPS = {"read files (+ NaN/Inf check)": (reading, "read_adapter"),
+                 "check against the model": (attaching, "check_against_model"),
+                 "match the served adapter's tensors": (attaching, "_in_place_pairs"),
+                 "copy tensors in": (attaching, "_copy_tensors")}
 
 
 def step_times(run: Callable[[int], object], steps: dict[str, tuple[object, str]], total: str, repeats: int,

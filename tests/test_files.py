@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from model_zoo import tiny_llama
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_methods import randomise
 from torch import nn
@@ -253,3 +254,29 @@ def test_first_non_finite_names_the_first_bad_tensor():
         later[4][1] = bad
         later[5][0] = bad
         assert first_non_finite(later) == 4
+
+
+def test_vera_and_lora_fa_files_written_before_method_options_load_the_same(base, tmp_path):
+    """Files of earlier versions spell VeRA's seed as ``vera_seed`` in lorakit's metadata (and have
+    no ``options``); they load with the same options, and LoRA-FA still comes back as LoRA-FA."""
+    for config in (lorakit.AdapterConfig(method="vera", r=4, target_modules=["q_proj"], options={"projection_seed": 5}),
+                   lorakit.AdapterConfig(method="lora-fa", r=4, target_modules=["q_proj"])):
+        am = lorakit.adapt(copy.deepcopy(base), config)
+        randomise(am)
+        folder = tmp_path / config.method
+        lorakit.save_adapter(am, folder)
+        weights = folder / "adapter_model.safetensors"
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata()
+        lorakit_meta = json.loads(metadata["lorakit"])
+        old = {k: v for k, v in lorakit_meta["config"].items() if k != "options"}
+        if config.method == "vera":
+            old.update(vera_seed=5, vera_d_initial=0.1)
+        metadata["lorakit"] = json.dumps({**lorakit_meta, "config": old})
+        save_file(load_file(weights), weights, metadata=metadata)
+        loaded = lorakit.load_adapter(copy.deepcopy(base), folder)
+        assert loaded.configs["default"].method == config.method
+        assert loaded.configs["default"].options == config.options
+        ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, am(input_ids=ids).logits)

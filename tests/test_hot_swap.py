@@ -17,7 +17,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import lorakit
-from lorakit.io import adapter_files
+from lorakit.io import adapter_files, attaching
 
 CONFIGS = {
     "lora": lorakit.AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]),
@@ -193,13 +193,13 @@ def test_an_interrupted_in_place_copy_removes_the_adapter(base, tmp_path, monkey
     half-written adapter must not be served."""
     (one, two), (want_one, _) = versions(base, CONFIGS["lora"], tmp_path)
     served = served_two(base, one)
-    real = adapter_files._copy_tensors
+    real = attaching._copy_tensors
 
     def interrupted(pairs):
         real(pairs[: len(pairs) // 2])
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(adapter_files, "_copy_tensors", interrupted)
+    monkeypatch.setattr(attaching, "_copy_tensors", interrupted)
     with pytest.raises(RuntimeError, match="interrupted"):
         served.replace_adapter("team", two)
     assert [i.name for i in served.list_adapters()] == ["side"] and served.active == ("side",)
@@ -216,7 +216,7 @@ def test_a_file_written_during_the_copy_is_not_served(base, tmp_path, monkeypatc
     nan = (nan_file(two, tmp_path / "nan") / adapter_files.WEIGHTS_NAME).read_bytes()
     assert len(nan) == weights.stat().st_size  # the same layout: the views now show the NaN file
     served = served_two(base, one)
-    real = adapter_files._copy_tensors
+    real = attaching._copy_tensors
 
     def rewritten_midway(pairs):
         real(pairs[: len(pairs) // 2])
@@ -224,7 +224,7 @@ def test_a_file_written_during_the_copy_is_not_served(base, tmp_path, monkeypatc
         weights.write_bytes(nan)
         real(pairs[len(pairs) // 2:])
 
-    monkeypatch.setattr(adapter_files, "_copy_tensors", rewritten_midway)
+    monkeypatch.setattr(attaching, "_copy_tensors", rewritten_midway)
     with pytest.raises(lorakit.AdapterFileError, match="written while it was being loaded"):
         if how == "load":
             lorakit.load_adapter(served, two, name="new")

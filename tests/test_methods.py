@@ -1,4 +1,8 @@
-"""Each method's forward against its paper formula (tests/reference.py), on every base layer kind."""
+"""Each registered method's forward against its paper formula (tests/reference.py), on every base layer kind.
+
+The methods come from the registry; a method registered without a formula here fails the
+formula tests until one is written (the yardstick must not come from the implementation).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,7 @@ from torch.testing import assert_close
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-
-METHODS = ["lora", "lora-fa", "dora", "vera"]
+from lorakit.methods import METHODS
 
 
 def randomise(model: lorakit.AdaptedModel, seed: int = 1) -> None:
@@ -32,13 +35,34 @@ def single(module: nn.Module, method: str, **config) -> tuple[lorakit.AdaptedMod
     return am, am.adapter_modules("default")["layer"]
 
 
+# The new weight W' (out, in) each method's output is W' x + bias with: its paper formula.
+NEW_WEIGHT = {
+    "lora": lambda W, m, s: ref.f64(W) + s * ref.f64(m.lora_B) @ ref.f64(m.lora_A),
+    "lora-fa": lambda W, m, s: ref.f64(W) + s * ref.f64(m.lora_B) @ ref.f64(m.lora_A),
+    "dora": lambda W, m, s: ref.dora_weight(W, m.lora_A, m.lora_B, s, m.lora_magnitude_vector),
+    "vera": lambda W, m, s: ref.f64(W)
+    + (ref.f64(m.vera_lambda_b)[:, None] * ref.f64(m.projections.vera_B)[:W.shape[0]])
+    @ (ref.f64(m.vera_lambda_d)[:, None] * ref.f64(m.projections.vera_A)[:, :W.shape[1]]),
+}
+
+
 def reference_output(x, W, bias, method_name, m, s):
     """The formula for one method on linear-convention inputs."""
     if method_name == "vera":
         return ref.vera(x, W, bias, m.projections.vera_A, m.projections.vera_B, m.vera_lambda_d, m.vera_lambda_b)
     if method_name == "dora":
         return ref.dora(x, W, bias, m.lora_A, m.lora_B, s, m.lora_magnitude_vector)
-    return ref.lora(x, W, bias, m.lora_A, m.lora_B, s)
+    if method_name in ("lora", "lora-fa"):
+        return ref.lora(x, W, bias, m.lora_A, m.lora_B, s)
+    raise AssertionError(f"no reference formula for method {method_name!r}: write its paper formula in "
+                         "tests/reference.py and here")
+
+
+UNSCALED = {"vera"}  # its trained vectors carry the scale
+
+
+def expected_scaling(method: str, alpha: float, r: int, rslora: bool = False) -> float:
+    return 1.0 if method in UNSCALED else (alpha / r**0.5 if rslora else alpha / r)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -46,7 +70,7 @@ def reference_output(x, W, bias, method_name, m, s):
 def test_linear_matches_formula(method: str, rslora: bool) -> None:
     torch.manual_seed(0)
     am, m = single(nn.Linear(12, 9), method, r=4, alpha=6, use_rslora=rslora)
-    s = 1.0 if method == "vera" else (6 / 4**0.5 if rslora else 6 / 4)
+    s = expected_scaling(method, 6, 4, rslora)
     assert m.scaling == pytest.approx(s)
     x = torch.randn(5, 12)
     base = am.model.layer.base_layer
@@ -58,7 +82,7 @@ def test_conv1d_matches_formula(method: str) -> None:
     """transformers' Conv1D stores W transposed: (in, out)."""
     torch.manual_seed(0)
     am, m = single(Conv1D(9, 12), method, r=3, alpha=5)
-    s = 1.0 if method == "vera" else 5 / 3
+    s = expected_scaling(method, 5, 3)
     x = torch.randn(2, 4, 12)
     base = am.model.layer.base_layer
     expected = reference_output(x.reshape(-1, 12), base.weight.T, base.bias, method, m, s).reshape(2, 4, 9)
@@ -70,7 +94,7 @@ def test_embedding_matches_formula(method: str) -> None:
     """An embedding is a linear map of one-hot token vectors with W = weight.T."""
     torch.manual_seed(0)
     am, m = single(nn.Embedding(15, 6), method, r=3, alpha=3)
-    s = 1.0  # alpha = r, and VeRA has no scaling
+    s = expected_scaling(method, 3, 3)
     ids = torch.randint(0, 15, (2, 5))
     onehot = F.one_hot(ids.reshape(-1), 15).double()
     base = am.model.layer.base_layer
@@ -84,15 +108,10 @@ def test_conv2d_matches_formula(method: str) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
     am, m = single(conv, method, r=2, alpha=4)
-    s = 1.0 if method == "vera" else 2.0
+    s = expected_scaling(method, 4, 2)
     W = conv.weight.reshape(4, -1)
-    if method == "dora":
-        W_new = ref.dora_weight(W, m.lora_A, m.lora_B, s, m.lora_magnitude_vector)
-    elif method == "vera":
-        A, B = m.projections.vera_A[:, :27].double(), m.projections.vera_B[:4].double()
-        W_new = W.double() + (m.vera_lambda_b.double()[:, None] * B) @ (m.vera_lambda_d.double()[:, None] * A)
-    else:
-        W_new = W.double() + s * m.lora_B.double() @ m.lora_A.double()
+    assert method in NEW_WEIGHT, f"no reference formula for method {method!r}"
+    W_new = NEW_WEIGHT[method](W, m, s)
     x = torch.randn(2, 3, 7, 7)
     expected = F.conv2d(x.double(), W_new.reshape(conv.weight.shape), conv.bias.double(), stride=2, padding=1)
     assert_close(am(x).double(), expected, atol=1e-5, rtol=0)
@@ -115,9 +134,11 @@ def test_dropout_zero_adds_no_module_and_positive_dropout_is_used() -> None:
 
 
 def test_vera_projections_shared_and_sliced() -> None:
-    """One frozen pair for the whole model; each layer uses its top-left slice; d starts at d_initial, b at 0."""
+    """One frozen pair for the whole model (its shared state); each layer uses its top-left slice;
+    d starts at d_initial, b at 0."""
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 10))
-    am = lorakit.adapt(model, lorakit.AdapterConfig(method="vera", r=4, target_modules=["0", "2"], vera_d_initial=0.25))
+    am = lorakit.adapt(model, lorakit.AdapterConfig(method="vera", r=4, target_modules=["0", "2"],
+                                                    options={"d_initial": 0.25}))
     first, second = am.adapter_modules("default").values()
     assert first.projections is second.projections
     assert first.projections.vera_A.shape == (4, 8) and first.projections.vera_B.shape == (10, 4)
@@ -128,9 +149,29 @@ def test_vera_projections_shared_and_sliced() -> None:
     again = lorakit.adapt(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 10)),
                           lorakit.AdapterConfig(method="vera", r=4, target_modules=["0", "2"]))
     other = lorakit.adapt(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 10)),
-                          lorakit.AdapterConfig(method="vera", r=4, target_modules=["0", "2"], vera_seed=7))
-    assert_close(again.vera_projections["default"].vera_A, first.projections.vera_A)
-    assert not torch.allclose(other.vera_projections["default"].vera_A, first.projections.vera_A)
+                          lorakit.AdapterConfig(method="vera", r=4, target_modules=["0", "2"],
+                                                options={"projection_seed": 7}))
+    assert again.shared["default"] is again.adapter_modules("default")["0"].projections
+    assert_close(again.shared["default"].vera_A, first.projections.vera_A)
+    assert not torch.allclose(other.shared["default"].vera_A, first.projections.vera_A)
+    assert other.vera_projections["default"] is other.shared["default"]  # the older name still reads it
+
+
+def test_vera_options_belong_to_the_method_and_old_keywords_still_work() -> None:
+    config = lorakit.AdapterConfig(method="vera", options={"projection_seed": 7, "d_initial": 0.25})
+    assert config.options.projection_seed == 7 and config.options.d_initial == 0.25
+    # The keywords of earlier versions mean the same options.
+    assert lorakit.AdapterConfig(method="vera", vera_seed=7, vera_d_initial=0.25) == config
+    assert config.with_changes(vera_seed=3).options.projection_seed == 3
+    assert lorakit.AdapterConfig(method="vera").options == lorakit.AdapterConfig(method="vera", options={}).options
+    lorakit.AdapterConfig(method="lora", vera_seed=3)  # ignored by other methods, as it always was
+    unknown = r"VeRA \(method 'vera'\) has no option 'seed'; its options are projection_seed, d_initial"
+    with pytest.raises(lorakit.ConfigError, match=unknown):
+        lorakit.AdapterConfig(method="vera", options={"seed": 7})
+    with pytest.raises(lorakit.ConfigError, match=r"LoRA \(method 'lora'\) has no option 'd_initial'; it has none"):
+        lorakit.AdapterConfig(method="lora", options={"d_initial": 0.1})
+    with pytest.raises(lorakit.ConfigError, match="d_initial must be a finite number"):
+        lorakit.AdapterConfig(method="vera", options={"d_initial": float("nan")})
 
 
 class _RecordAllocations(torch.utils._python_dispatch.TorchDispatchMode):

@@ -173,16 +173,16 @@ def test_stacks_survive_new_mixes_and_follow_changed_adapters():
 
     with torch.no_grad():
         check(["a", "b", "base"])
-        stack = layer.mix.stack
+        stack = layer.mix_state.stack
         check(["b", "d", "a"])
-        assert layer.mix.stack is stack  # a new mix: nothing rebuilt
+        assert layer.mix_state.stack is stack  # a new mix: nothing rebuilt
         am.adapter_modules("b")[path].lora_B.mul_(-2)  # training or loading writes in place
         check(["b", "b", "a"])
         am.delete_adapter("b")  # hot swap: the new adapter takes the freed slot
         am.add_adapter("c", lorakit.AdapterConfig(r=3, target_modules=["q_proj"]), activate=False)
         randomise(am, seed=2)
         check(["c", "base", "d"])
-        assert layer.mix.stack is stack
+        assert layer.mix_state.stack is stack
         am.add_adapter("e", lorakit.AdapterConfig(r=1, target_modules=["q_proj"]), activate=False)
         randomise(am, seed=3)
         check(["e", "c", "a"])  # no free slot: grown
@@ -208,7 +208,7 @@ def test_deleting_adapters_frees_their_stacked_copies():
     ids = torch.randint(0, 128, (3, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         am(input_ids=ids, adapter_names=["a", "b", "c"])
-    copies = weakref.ref(layer.mix.stack.At)
+    copies = weakref.ref(layer.mix_state.stack.At)
     am.delete_adapter("b")
     assert copies() is not None  # two of three still stacked: kept for the next batch
     am.delete_adapter("c")
@@ -252,8 +252,8 @@ def test_a_changed_adapter_reaches_the_next_mixed_batch(change):
 
 
 def test_training_between_mixed_batches_keeps_the_plan_state_bounded():
-    """Each in-place change gives an adapter a new token; a layer remembers one token per adapter,
-    not every token it has seen."""
+    """Each in-place change gives an adapter a new version stamp; a layer remembers one stamp per
+    adapter, not every stamp it has seen."""
     am = lorakit.adapt(tiny_llama(layers=1), lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), "a")
     am.add_adapter("b", lorakit.AdapterConfig(r=2, target_modules=["q_proj"]), activate=False)
     randomise(am, seed=1)
@@ -264,5 +264,21 @@ def test_training_between_mixed_batches_keeps_the_plan_state_bounded():
         for step in range(6):
             am.adapter_modules("a")[next(iter(am.adapter_modules("a")))].lora_B.add_(0.01 * step)
             mixed = am(input_ids=ids, adapter_names=["a", "b"]).logits
-            assert len(layer.mix.confirmed) == 2
+            assert len(layer.mix_state.confirmed) == 2
         assert_close(mixed[0], alone(am, "a", ids[:1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_an_embedding_with_max_norm_is_refused_not_served_differently():
+    """Stacked factors are read by token id, which max_norm's renormalisation of looked-up rows
+    would change: a mixed batch through such an embedding is refused before anything is computed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6, max_norm=1.0), nn.Linear(6, 3))
+    am = lorakit.adapt(model, lorakit.AdapterConfig(r=2, target_modules=["0", "1"]), "a")
+    randomise(am)
+    x = torch.randint(0, 10, (2, 4))
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="embedding with max_norm"):
+        am(x, adapter_names=["a", "base"])
+    plain = lorakit.adapt(nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 3)),
+                          lorakit.AdapterConfig(r=2, target_modules=["0", "1"]), "a")
+    with torch.no_grad():
+        plain(x, adapter_names=["a", "base"])  # without max_norm: served

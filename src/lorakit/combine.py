@@ -1,7 +1,8 @@
 """Combining adapters into one new adapter that ships as a plain LoRA in PEFT's layout.
 
-Every input is first written as its exact update per module, ΔWᵢ = sᵢ·Bᵢ Aᵢ (VeRA as
-(b⊙B)(d⊙A)). Then, with weights wᵢ:
+Every input is first written as its exact update per module, ΔWᵢ = sᵢ·Bᵢ Aᵢ, from its method's
+``exported_factors()`` (VeRA as (b⊙B)(d⊙A)); a method that is not ``combinable`` (its update is
+not such a product) is refused before anything is built. Then, with weights wᵢ:
 
 - ``linear``: Σ wᵢ ΔWᵢ exactly, by concatenating factors (rank Σ rᵢ, no out×in matrix).
 - ``svd``: the same sum truncated to rank k by an SVD.
@@ -14,8 +15,10 @@ Every input is first written as its exact update per module, ΔWᵢ = sᵢ·Bᵢ
 
 The pruned combinations are computed on the full update of each module and truncated back to
 rank k by an SVD (PEFT's ``*_svd`` variants); pruning factors separately has no meaning for the
-product. DoRA adapters combine only with ``linear``: the low-rank parts add as above and the
-magnitude vectors average with the weights; one DoRA adapter at weight 1 comes back exactly.
+product. A method that is not ``additive`` (DoRA) combines only with adapters of its own method
+and only with ``linear``; the result is of that method, and its ``take_combination`` keeps what
+the factors do not say (DoRA: the magnitude vectors average with the weights; one DoRA adapter
+at weight 1 comes back exactly). Additive inputs give a plain LoRA.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 
 from lorakit.config import AdapterConfig
 from lorakit.errors import ConfigError
-from lorakit.methods import DoRA, LoRA, VeRA
+from lorakit.methods import method_class, require_combinable
+from lorakit.methods.base import AdapterMethod
 from lorakit.model import AdaptedModel
 
 COMBINATIONS = ("linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -59,9 +63,7 @@ def combine_adapters(
     if new_name in model.configs:
         raise ConfigError(f"an adapter named {new_name!r} already exists")
     configs = [model.configs[n] for n in names]
-    dora = [c.method == "dora" for c in configs]
-    if any(dora) and (not all(dora) or combination.kind != "linear"):
-        raise ConfigError("DoRA adapters combine only with each other and only with 'linear'")
+    output_method = _output_method(names, configs, combination)
     paths = sorted(set().union(*(model.layers_of(n) for n in names)))
     per_path = {p: [(model.adapter_modules(n).get(p), w) for n, w in zip(names, weights, strict=True)]
                 for p in paths}
@@ -70,7 +72,7 @@ def combine_adapters(
     first = configs[0]
     scale = _common_scaling(model, names)
     config = AdapterConfig(
-        method="dora" if all(dora) else "lora", r=max(ranks.values()),
+        method=output_method, r=max(ranks.values()),
         alpha=_alpha_for(scale, max(ranks.values()), first.use_rslora), use_rslora=first.use_rslora,
         target_modules=tuple(paths),
         rank_pattern={_exact(p): r for p, r in ranks.items() if r != max(ranks.values())},
@@ -78,22 +80,35 @@ def combine_adapters(
                        if r != max(ranks.values())},
     )
     model.add_adapter(new_name, config, activate=False)
-    with torch.no_grad():
-        for path, method in model.adapter_modules(new_name).items():
-            A, B_scaled = factors[path]
-            method.lora_A.copy_(A)
-            method.lora_B.copy_(B_scaled / method.scaling)
-            if isinstance(method, DoRA):
-                mags = [(m.lora_magnitude_vector, w) for m, w in per_path[path] if m is not None]
-                total = sum(w for _, w in mags)
-                method.lora_magnitude_vector.copy_(sum(w * m for m, w in mags) / total)
+    for path, method in model.adapter_modules(new_name).items():
+        A, B_scaled = factors[path]
+        method.take_combination(A, B_scaled, [(m, w) for m, w in per_path[path] if m is not None])
 
 
-def _combine_module(items: list[tuple[LoRA | VeRA | None, float]], c: Combination) -> tuple[torch.Tensor, torch.Tensor]:
+def _output_method(names: list[str], configs: list[AdapterConfig], combination: Combination) -> str:
+    """The method of the combination ("lora", or the inputs' own non-additive method), after
+    refusing inputs that cannot be combined: all checked before anything is built."""
+    for name, config in zip(names, configs, strict=True):
+        require_combinable(name, config.method)
+    classes = [method_class(c.method) for c in configs]
+    special = {cls for cls in classes if not cls.additive}
+    if not special:
+        return "lora"
+    if len(set(classes)) > 1 or combination.kind != "linear":
+        method = next(iter(special))
+        raise ConfigError(f"{method.title or method.method_name} adapters combine only with each other and only with "
+                          "'linear' (their update is not a sum of weight changes)")
+    if classes[0].take_combination is AdapterMethod.take_combination:
+        raise ConfigError(f"method {classes[0].method_name!r} cannot hold a combination (no take_combination)")
+    return classes[0].method_name
+
+
+def _combine_module(items: list[tuple[AdapterMethod | None, float]], c: Combination
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, s·B) of the combined update of one module."""
     present = [(m, w) for m, w in items if m is not None]
     if c.kind == "linear":
-        parts = [_scaled_factors(m) for m, _ in present]
+        parts = [m.exported_factors() for m, _ in present]
         A = torch.cat([a for a, _ in parts])
         B = torch.cat([w * b for (_, b), (_, w) in zip(parts, present, strict=True)], dim=1)
         return A.detach(), B.detach()
@@ -113,16 +128,9 @@ def _combine_module(items: list[tuple[LoRA | VeRA | None, float]], c: Combinatio
     return low_rank(merged, rank)
 
 
-def _scaled_factors(method: LoRA | VeRA) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, s·B) with ΔW = (s·B) A exactly; for LoRA the offset (PiSSA) and shift (Delta-LoRA) included."""
-    if isinstance(method, LoRA):
-        return method.exported_factors()
-    A, B = method.factors()
-    return A.detach(), B.detach()
-
-
-def _delta(method: LoRA | VeRA) -> torch.Tensor:
-    A, B = _scaled_factors(method)
+def _delta(method: AdapterMethod) -> torch.Tensor:
+    """ΔW = (s·B) A exactly (for LoRA the PiSSA offset and Delta-LoRA shift included)."""
+    A, B = method.exported_factors()
     return B.float() @ A.float()
 
 

@@ -14,6 +14,7 @@ import lorakit
 from lorakit.combine import Combination, combine_adapters
 from lorakit.errors import ConfigError
 from lorakit.merge_export import PROBE_TEXTS, load_base_for
+from lorakit.methods import require_combinable
 from lorakit.train.models import load_tokenizer, name_for_files, resolve_model_dir
 
 
@@ -25,6 +26,8 @@ def combine_folders(
         raise ConfigError(f"give one weight per adapter: {len(adapter_dirs)} adapters, {len(weights)} weights")
     combination = Combination(kind, density=density, rank=rank, seed=seed)
     files = [lorakit.read_adapter(d) for d in adapter_dirs]  # every file checked before any model work
+    for directory, file in zip(adapter_dirs, files, strict=True):
+        require_combinable(str(directory), file.config.method)
     folder = resolve_model_dir(model_spec)
     if folder is None:
         raise ConfigError("lorakit combine needs a model folder (or 'default'), not a random architecture")

@@ -3,19 +3,23 @@
 Training settings (learning rates, LoRA+ ratio, Delta-LoRA's schedule) live beside the
 optimizer in :mod:`lorakit.training_rules`, not here, so that a saved adapter config says
 exactly what a loader needs and nothing else.
+
+The fields every method shares live here; a method's own settings travel in ``options``, checked
+and filled in by the method's ``Options`` dataclass (:mod:`lorakit.methods.base`):
+``AdapterConfig(method="vera", options={"projection_seed": 7, "d_initial": 0.1})``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import Any
 
 from lorakit.errors import ConfigError
+from lorakit.methods import method_class
 
-METHODS = ("lora", "lora-fa", "dora", "vera")
-INITS = ("default", "gaussian", "pissa", "gradient-svd")
+INITS = ("default", "gaussian", "pissa", "gradient-svd")  # the built-in inits; each method lists those it supports
 ALL_LINEAR = "all-linear"
 
 
@@ -29,7 +33,7 @@ class AdapterConfig:
     per-module rank or alpha.
     """
 
-    method: str = "lora"  # lora | lora-fa | dora | vera
+    method: str = "lora"  # a registered method (lorakit.methods.METHODS)
     r: int = 8  # rank
     alpha: float = 8.0  # scale numerator: s = alpha / r (or alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # dropout on the adapter input; 0 costs nothing
@@ -42,22 +46,29 @@ class AdapterConfig:
     modules_to_save: tuple[str, ...] = ()  # trainable full copies (e.g. a classifier head)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    vera_seed: int = 0  # seed of VeRA's shared frozen projections
-    vera_d_initial: float = 0.1  # VeRA's d vector starts here; b starts at 0
+    options: Any = None  # the method's own options: a mapping (or its Options dataclass); stored as the latter
+    # Older spellings of VeRA's options (projection_seed, d_initial); folded into ``options`` and
+    # then None. Other methods ignore them, as they always did.
+    vera_seed: int | None = field(default=None, repr=False, compare=False)
+    vera_d_initial: float | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.init not in INITS:
-            raise ConfigError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        cls = method_class(self.method)
+        options = self.options
+        if self.method == "vera" and (self.vera_seed is not None or self.vera_d_initial is not None):
+            options = dict(_as_mapping(options))
+            if self.vera_seed is not None:
+                options["projection_seed"] = self.vera_seed
+            if self.vera_d_initial is not None:
+                options["d_initial"] = self.vera_d_initial
+        object.__setattr__(self, "options", cls.options_from(options))
+        object.__setattr__(self, "vera_seed", None)
+        object.__setattr__(self, "vera_d_initial", None)
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.method == "vera" and self.init != "default":
-            raise ConfigError("VeRA's factors are frozen random projections; init must be 'default'")
-        if self.method == "dora" and self.init in ("pissa", "gradient-svd"):
-            raise ConfigError(f"init {self.init!r} is not supported with DoRA; use method 'lora'")
+        cls.check_config(self)
         # Normalise list-like fields to tuples so the config stays hashable and frozen.
         object.__setattr__(self, "target_modules", _tuple_or_str(self.target_modules, "target_modules"))
         if self.exclude_modules is not None:
@@ -88,10 +99,14 @@ class AdapterConfig:
         return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
 
     def scaling_for(self, module_name: str) -> float:
-        """s = alpha / r, or alpha / sqrt(r) with rsLoRA; VeRA has no scaling."""
-        if self.method == "vera":
-            return 1.0
-        return scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
+        """The method's scaling of one module: alpha / r, or alpha / sqrt(r) with rsLoRA (VeRA: 1)."""
+        return method_class(self.method).scaling_for(self, module_name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as JSON values (lorakit's file metadata); ``AdapterConfig(**to_json())`` rebuilds it."""
+        data = asdict(self)
+        del data["vera_seed"], data["vera_d_initial"]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     def with_changes(self, **changes: Any) -> AdapterConfig:
         return replace(self, **changes)
@@ -107,6 +122,14 @@ def match_pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def _as_mapping(options: Any) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if is_dataclass(options) and not isinstance(options, type):
+        return asdict(options)
+    return dict(options)
 
 
 def _tuple_or_str(value: Any, what: str) -> tuple[str, ...] | str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lorakit.fingerprint import weight_fingerprint
-from lorakit.kinds import LayerKind, register_kind
+from lorakit.kinds_base import LayerKind
 
 # Where quantize_model keeps the fingerprint of the full-precision weight a layer was made from,
 # so an adapter trained on the quantised base records (and loads onto) the original base.
@@ -160,6 +160,4 @@ def base_fingerprint(module: nn.Module) -> dict | None:
     return weight_fingerprint(module.weight)
 
 
-QUANTIZED_KINDS: tuple[type[_QuantizedLinearKind], ...] = (Linear4bitKind, Linear8bitLtKind)
-for _kind in QUANTIZED_KINDS:
-    register_kind(_kind, linear=True)
+QUANTIZED_KINDS: tuple[type[_QuantizedLinearKind], ...] = (Linear4bitKind, Linear8bitLtKind)  # listed in lorakit.kinds

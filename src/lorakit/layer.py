@@ -15,9 +15,10 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from lorakit.finite import all_finite
 from lorakit.fused import fused_linear
-from lorakit.kinds import LayerKind
+from lorakit.kinds_base import LayerKind
+from lorakit.methods import require_mergeable
 from lorakit.methods.base import AdapterMethod
-from lorakit.mixed import LayerMix, mixed_forward
+from lorakit.mixed import BatchPlan, LayerMix, mixed_forward, own_rows_forward
 from lorakit.structure import structure_changed
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
@@ -37,10 +38,11 @@ class AdaptedLayer(nn.Module):
         self.fingerprint: dict | None = None  # of the original base weight, for adapter files
         # Half-precision weights cannot be un-merged exactly by arithmetic; keep the original.
         self._weight_before_merge: torch.Tensor | None = None
-        # Set by AdaptedModel.mixed_batch (mixed.plan_batch): (the stack slot of each row, the
-        # largest rank among them; 0 when no row's adapter is on this layer).
-        self.mixed: tuple[torch.Tensor, int] | None = None
-        self.mix = LayerMix()  # mixed-batch state (stacked factors of every adapter); see lorakit.mixed
+        # This batch's rows → adapters on this layer, set by AdaptedModel.mixed_batch for the
+        # duration of a mixed-adapter batch (lorakit.mixed.plan_batch); None otherwise.
+        self.batch_plan: BatchPlan | None = None
+        # What mixed batches keep between batches: the stacked factors of the adapters here.
+        self.mix_state = LayerMix()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if torch.is_grad_enabled() and not (args or kwargs):
@@ -53,7 +55,7 @@ class AdaptedLayer(nn.Module):
         # Adapters may write into the fresh base output (no temporary of its size) unless a
         # forward hook on the base layer has seen it and may be keeping it.
         inplace = self.kind.inplace_output and not (self.base_layer._forward_hooks or _global_forward_hooks)
-        if self.mixed is not None:
+        if self.batch_plan is not None:
             return self._mixed_forward(x, out, inplace)
         for name in self.active:
             if name not in self.merged:
@@ -63,7 +65,7 @@ class AdaptedLayer(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Training with one adapter on a frozen plain Linear: base and update as one autograd
         node (:mod:`lorakit.fused`); None where the generic path below must run."""
-        if self.disabled or self.mixed is not None:
+        if self.disabled or self.batch_plan is not None:
             return None
         names = [n for n in self.active if n not in self.merged]
         if len(names) != 1:
@@ -72,10 +74,15 @@ class AdaptedLayer(nn.Module):
         return None if factors is None else fused_linear(self.base_layer, x, *factors)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, inplace: bool) -> torch.Tensor:
-        rows, rank = self.mixed
-        if rank == 0:
-            return out  # no row's adapter is on this layer
-        return mixed_forward(self.kind, self.base_layer, out, x, rows, rank, self.mix.stack, inplace=inplace)
+        rows, rank, own_rows = self.batch_plan
+        if rank:
+            stacked = mixed_forward(self.kind, self.base_layer, out, x, rows, rank, self.mix_state.stack,
+                                    inplace=inplace)
+            inplace = inplace or stacked is not out  # a new tensor is ours to write into
+            out = stacked
+        if own_rows:
+            out = own_rows_forward(out, x, self.base_layer, own_rows, inplace)
+        return out
 
     # -- adapters ----------------------------------------------------------------------------
     def add(self, name: str, adapter: AdapterMethod) -> None:
@@ -94,13 +101,12 @@ class AdaptedLayer(nn.Module):
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
-        adapter = self.adapters[name]
-        shift = getattr(adapter, "shift_A", None)
-        if shift is not None and shift.shape[0] > 0:
-            self._add_to_weight(-(adapter.shift_B.float() @ adapter.shift_A.float()))
+        shift = self.adapters[name].weight_shift()
+        if shift is not None:
+            self._add_to_weight(-shift)
         del self.adapters[name]
         structure_changed()
-        self.mix.forget(name)
+        self.mix_state.forget(name)
         self.active = tuple(a for a in self.active if a != name)
 
     @property
@@ -120,6 +126,7 @@ class AdaptedLayer(nn.Module):
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         if not todo:
             return
+        refuse_unmergeable({n: self.adapters[n] for n in todo})
         if not self.kind.writable:
             raise NotImplementedError(
                 f"cannot merge into a {self.kind.name} base: merging into a 4-bit/8-bit base would round the "
@@ -143,9 +150,11 @@ class AdaptedLayer(nn.Module):
     def dequantised_merge(self, names: Iterable[str]) -> tuple[nn.Module, float]:
         """For a quantised (non-writable) base: a plain layer holding the dequantised W with the
         named adapters merged in float32, and the largest |ΔW| they moved it by. The base is untouched."""
+        todo = [n for n in names if n in self.adapters]
+        refuse_unmergeable({n: self.adapters[n] for n in todo})
         W0 = self.kind.weight_matrix(self.base_layer).float()
         W = W0
-        for name in [n for n in names if n in self.adapters]:
+        for name in todo:
             W = self.adapters[name].merged_weight(W, forward_base=W0)
             if not all_finite(W):
                 raise ValueError(f"merging adapter {name!r} would write NaN/Inf into the weight; not merged")
@@ -186,7 +195,13 @@ class AdaptedLayer(nn.Module):
         structure_changed()
         self.active = tuple(new if a == old else a for a in self.active)
         self.merged = [new if a == old else a for a in self.merged]
-        self.mix.rename(old, new)
+        self.mix_state.rename(old, new)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"
+
+
+def refuse_unmergeable(adapters: dict[str, AdapterMethod]) -> None:
+    """A ConfigError naming the first adapter whose method cannot be merged, before anything is written."""
+    for name, method in adapters.items():
+        require_mergeable(name, method.method_name)

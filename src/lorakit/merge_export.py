@@ -2,7 +2,9 @@
 
 The folder loads with plain transformers and no lorakit. Before writing, the merged model is
 compared with the adapted one on a few inputs and the largest logit difference is reported
-(merges elsewhere have silently behaved differently from the adapter). Merging is done in float32 and
+(merges elsewhere have silently behaved differently from the adapter). An adapter whose method
+cannot be merged (its update is no change of W) is refused before the base is loaded. Merging
+is done in float32 and
 rounded once to the model's dtype. An adapter trained on a 4-bit/8-bit base (QLoRA) is merged
 into the full-precision base; the report says so and how far that is from the quantised model.
 """
@@ -18,6 +20,7 @@ from torch import nn
 
 import lorakit
 from lorakit.errors import AdapterFileError
+from lorakit.methods import require_mergeable
 from lorakit.train.models import load_tokenizer, resolve_model_dir
 
 PROBE_TEXTS = (
@@ -25,12 +28,13 @@ PROBE_TEXTS = (
     "I would not recommend this to anyone; it made everything worse.",
     "A plain sentence to compare the two models on.",
 )
-HEADS = ("classifier", "score")
+CLASSIFIER_HEADS = ("classifier", "score")  # the classification heads `lorakit train` saves (modules_to_save)
 
 
 def merge_to_folder(model_spec: str, adapter_dir: str | Path, out: str | Path,
                     check_fingerprint: bool = True) -> dict[str, Any]:
     adapter = lorakit.read_adapter(adapter_dir)  # refuse a bad file before loading the base
+    require_mergeable(str(adapter_dir), adapter.config.method)
     folder = resolve_model_dir(model_spec)
     if folder is None:
         raise AdapterFileError("lorakit merge needs a model folder (or 'default'), not a random architecture")
@@ -85,7 +89,8 @@ def _logits_on_quantized_base(
 
 def head_labels(adapter: lorakit.io.adapter_files.AdapterFile) -> int | None:
     """The label count of the classification head the adapter saved (modules_to_save), or None."""
-    head = next((k for k in adapter.tensors if k.rsplit(".", 2)[-2] in HEADS and k.endswith(".weight")), None)
+    head = next((k for k in adapter.tensors if k.rsplit(".", 2)[-2] in CLASSIFIER_HEADS and k.endswith(".weight")),
+                None)
     return None if head is None else adapter.tensors[head].shape[0]
 
 

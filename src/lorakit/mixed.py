@@ -9,8 +9,12 @@ update is then a gather plus two batched matrix products, accumulated into the b
 At one token per row (a decoding step) the gather's copy would be most of the work, so both
 products read the stacked rows in place as weighted sums instead (``embedding_bag``).
 
-VeRA folds exactly into (d⊙A, b⊙B); DoRA adds a per-row output scale m/||W + sBA|| (1 for rows
-without DoRA). The stack does not depend on the batch's mix, so a server whose every batch is a
+What goes into the stack is what each method declares (:mod:`lorakit.methods.base`): its
+``factors()`` (VeRA folds exactly into (d⊙A, b⊙B)) and its ``output_scale`` (DoRA's per-row
+m/||W + sBA||; 1 for rows of other methods). A method that is not ``mixable`` (its update is no
+pair of factors) gets no slot: its rows read the zero slot, then run through the method's own
+``forward`` on just those rows (:func:`own_rows_forward`), so it never breaks a batch for the
+adapters beside it. The stack does not depend on the batch's mix, so a server whose every batch is a
 new mix (continuous batching) copies nothing per batch. A slot is rewritten when its adapter's
 tensors change (their ``_version``: hot swap, training, loading); a deleted adapter's slot is
 reused by the next one added; the stack grows (by a quarter) only when every slot is taken.
@@ -19,9 +23,9 @@ costs nothing to batches that do not use it. Stacks hold copies without autograd
 mixed batches are an inference path (gradients do not reach the adapters through them).
 
 The per-batch work is done once for the whole model, before the forward (:func:`plan_batch`):
-whether an adapter changed is first asked of the model as a whole, one token per adapter (the
-sums of its tensors' versions and addresses: an in-place write raises a version, a move
-changes an address), so an unchanged adapter costs one comparison per layer rather than a
+whether an adapter changed is first asked of the model as a whole, one version stamp per
+adapter (the sums of its tensors' versions and addresses: an in-place write raises a version, a
+move changes an address), so an unchanged adapter costs one comparison per layer rather than a
 walk over its tensors; each layer's row → slot map is computed on the CPU and sent to the
 device in one copy, so the forward itself never waits for the host.
 """
@@ -37,7 +41,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.kinds import Conv1DKind, EmbeddingKind, LinearKind
-from lorakit.methods import DoRA
 from lorakit.methods.base import AdapterMethod
 from lorakit.structure import structure_generation
 
@@ -51,7 +54,8 @@ class Stack:
 
     At: torch.Tensor  # (slots, in, R): A transposed
     Bt: torch.Tensor  # (slots, R, out): B transposed, scaling folded in
-    scale: torch.Tensor | None  # (slots, out): DoRA's m / ||W + sBA||, 1 elsewhere; None without DoRA
+    scale: torch.Tensor | None  # (slots, out): each method's output_scale (DoRA's m / ||W + sBA||), 1 elsewhere;
+    # None while no adapter in the stack has one
     slot_of: dict[str, int] = field(default_factory=dict)  # adapter name → slot
     keys: dict[int, tuple] = field(default_factory=dict)  # slot → adapter_key its values were built from
     ranks: list[int] = field(default_factory=list)  # rank written in each slot (0: empty)
@@ -70,14 +74,17 @@ class Stack:
 
 @dataclass
 class LayerMix:
-    """A layer's mixed-batch state: its stack, which (adapter, token) pairs it is known to be
-    current for, and the slot map of the last batch's names (reused while neither changes)."""
+    """A layer's mixed-batch state: its stack, which (adapter, version stamp) pairs it is known to
+    be current for, and the slot map of the last batch's names (reused while neither changes)."""
 
     stack: Stack | None = None
     generation: int = -1  # the structure generation ``current`` belongs to
-    current: dict = field(default_factory=dict)  # name → the token the stack is current at (or the name is not here)
+    current: dict = field(default_factory=dict)  # name → the stamp the stack is current at (or the name is not here)
     confirmed: frozenset = frozenset()  # current's items, for a subset test per batch
-    last: tuple | None = None  # (names, slot of each name with 0 first, largest rank among them)
+    unmixable: frozenset = frozenset()  # names of the adapters here that are not mixable (as of ``generation``)
+    # (names, slot of each name with 0 first, largest rank among them, (adapter name, its batch slot)
+    # for the batch's adapters on this layer that are not mixable)
+    last: tuple | None = None
 
     def forget(self, name: str) -> None:
         """Adapter ``name`` left the layer. The stack holds a copy of every adapter's factors and
@@ -100,7 +107,7 @@ def adapter_key(method: AdapterMethod, base_layer: nn.Module) -> tuple:
     ``.to()``, which swaps a tensor's storage without bumping its version)."""
     tensors = _tensors(method)
     versions = (id(method), *map(_VERSION, tensors), *map(torch.Tensor.data_ptr, tensors))
-    if isinstance(method, DoRA):  # its row scale reads the base weight too
+    if method.reads_base_weight:  # e.g. DoRA's row scale
         versions += (base_layer.weight._version,)
     return versions
 
@@ -119,13 +126,13 @@ _VERSION = operator.attrgetter("_version")
 _ADDRESS = torch.Tensor.data_ptr
 
 
-class AdapterTokens:
-    """Per model: a token per adapter that changes whenever any of its tensors may have changed.
+class AdapterVersions:
+    """Per model: a version stamp per adapter that changes whenever any of its tensors may have changed.
 
-    The token is (generation, Σ versions, Σ addresses) over the adapter's tensors on every layer
-    (and the base weight under a DoRA adapter, which its row scale reads). Versions only grow,
-    so an in-place write always changes the sum; a new tensor object bumps the generation
-    (:mod:`lorakit.structure`) and the lists are rebuilt.
+    The stamp is (generation, Σ versions, Σ addresses) over the adapter's tensors on every layer
+    (and the base weight under a method that ``reads_base_weight``, such as DoRA's row scale).
+    Versions only grow, so an in-place write always changes the sum; a new tensor object bumps
+    the generation (:mod:`lorakit.structure`) and the lists are rebuilt.
     """
 
     def __init__(self) -> None:
@@ -137,13 +144,13 @@ class AdapterTokens:
         if self.generation != generation:
             self.tensors.clear()
             self.generation = generation
-        tokens = {}
+        stamps = {}
         for name in names:
             flat = self.tensors.get(name)
             if flat is None:
                 flat = self.tensors[name] = self._tensors_of(name, layers)
-            tokens[name] = (generation, sum(map(_VERSION, flat)), sum(map(_ADDRESS, flat)))
-        return tokens
+            stamps[name] = (generation, sum(map(_VERSION, flat)), sum(map(_ADDRESS, flat)))
+        return stamps
 
     @staticmethod
     def _tensors_of(name: str, layers: Sequence) -> list[torch.Tensor]:
@@ -153,17 +160,17 @@ class AdapterTokens:
                 continue
             method = layer.adapters[name]
             flat += [t for t in _tensors(method) if t.numel()]  # an empty tensor holds no values to change
-            if isinstance(method, DoRA):
+            if method.reads_base_weight:
                 flat.append(layer.base_layer.weight)
         return flat
 
 
-def empty_stack(slots: int, rank: int, kind, base_layer: nn.Module, dtype: torch.dtype, dora: bool) -> Stack:
+def empty_stack(slots: int, rank: int, kind, base_layer: nn.Module, dtype: torch.dtype, scaled: bool) -> Stack:
     device = base_layer.weight.device
     return Stack(
         At=torch.zeros(slots, kind.in_features, rank, dtype=dtype, device=device),
         Bt=torch.zeros(slots, rank, kind.out_features, dtype=dtype, device=device),
-        scale=torch.ones(slots, kind.out_features, dtype=torch.float32, device=device) if dora else None,
+        scale=torch.ones(slots, kind.out_features, dtype=torch.float32, device=device) if scaled else None,
         ranks=[0] * slots,
     )
 
@@ -171,15 +178,15 @@ def empty_stack(slots: int, rank: int, kind, base_layer: nn.Module, dtype: torch
 @torch.no_grad()
 def updated_stack(stack: Stack | None, names: Sequence[str], adapters: nn.ModuleDict, kind,
                   base_layer: nn.Module) -> Stack | None:
-    """``stack`` with every adapter of ``names`` on this layer written and current.
+    """``stack`` with every mixable adapter of ``names`` on this layer written and current.
 
     Only slots whose adapter changed (:func:`adapter_key`) are rewritten. A new stack (all of
-    the layer's adapters) is built when there is none, when an adapter needs a larger rank or
-    another dtype, when DoRA scales appear, or when the base moved to another device.
+    the layer's mixable adapters) is built when there is none, when an adapter needs a larger
+    rank or another dtype, when output scales appear, or when the base moved to another device.
     """
     if stack is not None and stack.At.device != base_layer.weight.device:
         stack = None
-    todo = [n for n in names if n in adapters and (
+    todo = [n for n in names if n in adapters and adapters[n].mixable and (
         stack is None or n not in stack.slot_of
         or stack.keys.get(stack.slot_of[n]) != adapter_key(adapters[n], base_layer))]
     return _written(stack, todo, adapters, kind, base_layer) if todo else stack
@@ -188,9 +195,10 @@ def updated_stack(stack: Stack | None, names: Sequence[str], adapters: nn.Module
 def _written(stack: Stack | None, todo: list[str], adapters: nn.ModuleDict, kind, base_layer: nn.Module) -> Stack:
     """``stack`` (or a new one) with the adapters of ``todo`` written into their slots."""
     factors = {n: adapters[n].factors() for n in todo}
-    dora = any(isinstance(adapters[n], DoRA) for n in todo)
+    scales = {n: adapters[n].output_scale(base_layer) for n in todo}
+    scaled = any(s is not None for s in scales.values())
     if (stack is None or max(a.shape[0] for a, _ in factors.values()) > stack.At.shape[2]
-            or any(a.dtype != stack.At.dtype for a, _ in factors.values()) or (dora and stack.scale is None)):
+            or any(a.dtype != stack.At.dtype for a, _ in factors.values()) or (scaled and stack.scale is None)):
         return _rebuilt(adapters, kind, base_layer)
     free = [s for s in range(1, len(stack.ranks)) if s not in stack.keys]
     new = [n for n in todo if n not in stack.slot_of]
@@ -200,20 +208,21 @@ def _written(stack: Stack | None, todo: list[str], adapters: nn.ModuleDict, kind
     for n in new:
         stack.slot_of[n] = free.pop(0)
     for n in todo:
-        _write(stack, stack.slot_of[n], adapters[n], factors[n], base_layer)
+        _write(stack, stack.slot_of[n], adapters[n], factors[n], scales[n], base_layer)
     return stack
 
 
 def _rebuilt(adapters: nn.ModuleDict, kind, base_layer: nn.Module) -> Stack:
-    """A stack of every adapter on the layer (slot i+1 is the i-th)."""
-    factors = {n: m.factors() for n, m in adapters.items()}
+    """A stack of every mixable adapter on the layer (slot i+1 is the i-th)."""
+    factors = {n: m.factors() for n, m in adapters.items() if m.mixable}
+    scales = {n: adapters[n].output_scale(base_layer) for n in factors}
     rank = max([a.shape[0] for a, _ in factors.values()] or [1])
     dtype = next((a.dtype for a, _ in factors.values()), torch.float32)
-    dora = any(isinstance(m, DoRA) for m in adapters.values())
-    stack = empty_stack(len(factors) + 1, rank, kind, base_layer, dtype, dora)
+    scaled = any(s is not None for s in scales.values())
+    stack = empty_stack(len(factors) + 1, rank, kind, base_layer, dtype, scaled)
     for slot, (n, pair) in enumerate(factors.items(), start=1):
         stack.slot_of[n] = slot
-        _write(stack, slot, adapters[n], pair, base_layer)
+        _write(stack, slot, adapters[n], pair, scales[n], base_layer)
     return stack
 
 
@@ -231,7 +240,7 @@ def _grown(stack: Stack, slots: int) -> Stack:
 
 @torch.no_grad()
 def _write(stack: Stack, slot: int, method: AdapterMethod, pair: tuple[torch.Tensor, torch.Tensor],
-           base_layer: nn.Module) -> None:
+           scale: torch.Tensor | None, base_layer: nn.Module) -> None:
     a, b = pair
     r = a.shape[0]
     stack.At[slot, :, :r] = a.t()
@@ -239,54 +248,73 @@ def _write(stack: Stack, slot: int, method: AdapterMethod, pair: tuple[torch.Ten
     stack.Bt[slot, :r] = b.t()
     stack.Bt[slot, r:] = 0
     if stack.scale is not None:
-        if isinstance(method, DoRA):
-            stack.scale[slot] = method.lora_magnitude_vector / method.weight_norm(base_layer)
-        else:
-            stack.scale[slot] = 1
+        stack.scale[slot] = 1 if scale is None else scale
     stack.ranks[slot] = r
     stack.keys[slot] = adapter_key(method, base_layer)
 
 
-def plan_batch(layers: Sequence, names: tuple[str, ...], rows: torch.Tensor,
-               tokens: dict[str, tuple]) -> list[tuple[torch.Tensor, int]]:
-    """For each layer: its stack made current for ``names``, then (the stack slot of every row on
-    the layer's device, the largest rank among those rows; 0 when no row's adapter is on it).
+# One layer's part of a mixed batch (:func:`plan_batch`), a plain tuple (one is made per layer per
+# batch, so its cost counts at every decoding step):
+#   rows      (batch,) on the layer's device: the stack slot of each row (0: no stacked update)
+#   rank      the largest rank among those slots (0: no row's stacked adapter is on this layer)
+#   own_rows  ((method, its rows' indices on the device), ...) for the rows of non-mixable adapters
+BatchPlan = tuple[torch.Tensor, int, tuple]
 
-    ``rows`` (CPU) holds 0 for a base row and i+1 for ``names[i]``; ``tokens`` are the batch's
-    :class:`AdapterTokens`. A layer already current for every (name, token) of the batch does
+
+def plan_batch(layers: Sequence, names: tuple[str, ...], rows: torch.Tensor,
+               stamps: dict[str, tuple]) -> list[BatchPlan]:
+    """For each layer: its stack made current for ``names``, then its :class:`BatchPlan`.
+
+    ``rows`` (CPU) holds 0 for a base row and i+1 for ``names[i]``; ``stamps`` are the batch's
+    :class:`AdapterVersions`. A layer already current for every (name, stamp) of the batch does
     one set comparison; only the others look at their adapters. The slot maps of all layers on
-    one device are gathered on the CPU and copied over at once.
+    one device are gathered on the CPU and copied over at once, as are the row indices of the
+    adapters that run on their own rows.
     """
-    batch = frozenset(tokens.items())
-    generation = next(iter(tokens.values()))[0] if tokens else -1
+    batch = frozenset(stamps.items())
+    generation = next(iter(stamps.values()))[0] if stamps else -1
     tables, ranks = [], []
+    owns: dict[int, tuple] = {}  # layer index → its non-mixable (name, batch slot) pairs, where there are any
     for layer in layers:
-        mix: LayerMix = layer.mix
+        mix: LayerMix = layer.mix_state
         if mix.generation != generation:
             mix.generation, mix.current, mix.confirmed = generation, {}, frozenset()
+            mix.unmixable = frozenset(n for n, m in layer.adapters.items() if not m.mixable)
         if not batch <= mix.confirmed:
             unconfirmed = [n for n, _ in batch - mix.confirmed]
             mix.stack = updated_stack(mix.stack, unconfirmed, layer.adapters, layer.kind, layer.base_layer)
-            mix.current.update(tokens)  # one token per name: training between batches grows nothing
+            mix.current.update(stamps)  # one stamp per name: training between batches grows nothing
             mix.confirmed = frozenset(mix.current.items())
             mix.last = None  # slots may have moved
         if mix.last is None or mix.last[0] != names:
             stack = mix.stack
             slots = [0, *(stack.slot_of.get(n, 0) for n in names)] if stack is not None else [0] * (len(names) + 1)
-            mix.last = (names, slots, max(stack.ranks[s] for s in slots) if stack is not None else 0)
-        tables.append(mix.last[1])
-        ranks.append(mix.last[2])
+            own = tuple((n, i) for i, n in enumerate(names, start=1) if n in mix.unmixable) if mix.unmixable else ()
+            mix.last = (names, slots, max(stack.ranks[s] for s in slots) if stack is not None else 0, own)
+        last = mix.last
+        tables.append(last[1])
+        ranks.append(last[2])
+        if last[3]:
+            owns[len(ranks) - 1] = last[3]
     plans: list = [None] * len(layers)
     if not layers:
         return plans
     per_row = torch.tensor(tables, dtype=torch.long)[:, rows]  # (layers, batch)
+    picked = {slot: (rows == slot).nonzero().flatten() for own in owns.values() for _, slot in own}
     by_device: dict[torch.device, list[int]] = {}
     for i, layer in enumerate(layers):
         by_device.setdefault(layer.weight.device, []).append(i)
     for device, indices in by_device.items():
         on_device = per_row[indices].to(device)
+        if not owns:  # the usual case: every adapter of the batch is stacked
+            for j, i in enumerate(indices):
+                plans[i] = (on_device[j], ranks[i], ())
+            continue
+        picked_here = {slot: index.to(device) for slot, index in picked.items()}
         for j, i in enumerate(indices):
-            plans[i] = (on_device[j], ranks[i])
+            own_rows = tuple((layers[i].adapters[n], picked_here[slot]) for n, slot in owns.get(i, ())
+                             if picked_here[slot].numel())
+            plans[i] = (on_device[j], ranks[i], own_rows)
     return plans
 
 
@@ -300,6 +328,7 @@ def mixed_forward(
     """
     if not isinstance(kind, MIXABLE_KINDS):
         raise NotImplementedError(f"mixed-adapter batches are not supported on {kind.name} layers")
+    embedding_check(kind, base_layer)
     if x.shape[0] != rows.shape[0]:
         raise ValueError(f"mixed batch: {x.shape[0]} rows in the input but {rows.shape[0]} adapter names")
     batch = x.shape[0]
@@ -356,11 +385,31 @@ def _one_token_update(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, st
     return out + update.view(out.shape)
 
 
+def own_rows_forward(out: torch.Tensor, x: torch.Tensor, base_layer: nn.Module, own_rows: tuple,
+                     inplace: bool) -> torch.Tensor:
+    """Rows of non-mixable adapters through each method's own forward, on those rows only.
+
+    Those rows read the stack's zero slot, so ``out`` holds their bare base output, which is
+    what the method's forward expects. ``inplace=True`` says the caller owns ``out``.
+    """
+    for method, index in own_rows:
+        updated = method(x.index_select(0, index), out.index_select(0, index), base_layer, inplace=True)
+        if inplace and not torch.is_grad_enabled():
+            out.index_copy_(0, index, updated.to(out.dtype))
+        else:
+            out = out.index_copy(0, index, updated.to(out.dtype))
+            inplace = True
+    return out
+
+
 def embedding_check(kind, base_layer: nn.Module) -> None:
-    """Mixed batches read A by token id; options that change lookups are not supported there."""
-    if isinstance(kind, EmbeddingKind) and (base_layer.max_norm is not None):
-        raise NotImplementedError("mixed batches on embeddings with max_norm are not supported")
+    """Stacked factors are read by token id, which an embedding's ``max_norm`` (a renormalisation
+    of the looked-up rows) would change; such layers are refused rather than served differently."""
+    if isinstance(kind, EmbeddingKind) and base_layer.max_norm is not None:
+        raise NotImplementedError(
+            "mixed-adapter batches on an embedding with max_norm are not supported (its lookups renormalise "
+            "the adapter's rows); run each adapter on its own (set_active) for this model")
 
 
-__all__ = ["BASE", "AdapterTokens", "LayerMix", "Stack", "adapter_key", "embedding_check", "mixed_forward",
-           "plan_batch", "updated_stack"]
+__all__ = ["BASE", "AdapterVersions", "BatchPlan", "LayerMix", "Stack", "adapter_key", "embedding_check",
+           "mixed_forward", "own_rows_forward", "plan_batch", "updated_stack"]

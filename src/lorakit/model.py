@@ -17,19 +17,22 @@ from torch import nn
 
 from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterNotFoundError, ConfigError
+from lorakit.inits import initialise
+from lorakit.io.attaching import replace_adapter as _replace_adapter
 from lorakit.kinds import kind_for
 from lorakit.kinds_quantized import base_fingerprint, quantized_kind
-from lorakit.layer import AdaptedLayer
-from lorakit.methods import METHODS, DoRA, VeRA, VeraProjections
+from lorakit.layer import AdaptedLayer, refuse_unmergeable
+from lorakit.methods import method_class
 from lorakit.methods.base import AdapterMethod
-from lorakit.mixed import BASE, AdapterTokens, plan_batch
+from lorakit.mixed import BASE, AdapterVersions, plan_batch
+from lorakit.report import summary_line
 from lorakit.saved_modules import SavedModule
 from lorakit.targets import matches_rules, plain_modules, resolve_targets
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from lorakit.io.adapter_files import AdapterFile
+    from lorakit.io.reading import AdapterFile
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 
@@ -54,13 +57,15 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.configs: dict[str, AdapterConfig] = {}
         self.active: tuple[str, ...] = ()
-        self.vera_projections = nn.ModuleDict()
+        # State a method shares across the layers of one adapter (AdapterMethod.shared_state, e.g.
+        # VeRA's projections), by adapter name; a module, so it moves with the model.
+        self.shared = nn.ModuleDict()
         self.frozen: set[str] = set()  # adapters loaded for inference: never trainable
         # Registries of the wrappers lorakit inserted, so no operation walks every module
         # (that would grow with the number of adapters loaded).
         self._layers: dict[str, AdaptedLayer] = {}
         self._saved: dict[str, SavedModule] = {}
-        self._tokens = AdapterTokens()  # mixed batches: has an adapter changed since the last batch?
+        self._versions = AdapterVersions()  # mixed batches: has an adapter changed since the last batch?
         for p in model.parameters():
             p.requires_grad_(False)
         self.train(model.training)
@@ -86,7 +91,8 @@ class AdaptedModel(nn.Module):
         """Inside the block, row i of every batch runs through adapter ``adapter_names[i]``.
 
         Unknown names are errors (never a silent fall-back to the base). Merged adapters must be
-        unmerged first: a mixed batch needs the bare base weights.
+        unmerged first: a mixed batch needs the bare base weights. Rows of a method that is not
+        ``mixable`` run through that method on their own; the other rows are batched as usual.
         """
         names = [BASE if n is None else n for n in adapter_names]
         unknown = sorted({n for n in names if n != BASE and n not in self.configs})
@@ -100,17 +106,18 @@ class AdaptedModel(nn.Module):
         slot = {n: i + 1 for i, n in enumerate(unique)}
         rows_cpu = torch.tensor([slot.get(n, 0) for n in names], dtype=torch.long)
         layers = list(self._layers.values())
-        for layer, plan in zip(layers, plan_batch(layers, unique, rows_cpu, self._tokens.of(unique, layers)),
+        for layer, plan in zip(layers, plan_batch(layers, unique, rows_cpu, self._versions.of(unique, layers)),
                                strict=True):
-            layer.mixed = plan
+            layer.batch_plan = plan
         for saved in self._saved.values():
             saved.mixed = (unique, rows_cpu.to(saved.device))
-        wrappers = [*layers, *self._saved.values()]
         try:
             yield
         finally:
-            for module in wrappers:
-                module.mixed = None
+            for layer in layers:
+                layer.batch_plan = None
+            for saved in self._saved.values():
+                saved.mixed = None
 
     # -- the layers lorakit added ------------------------------------------------------------
     def adapted_layers(self) -> dict[str, AdaptedLayer]:
@@ -143,8 +150,6 @@ class AdaptedModel(nn.Module):
         Every name in a list of ``target_modules`` must match a module (``every_target``;
         loading a file turns it off, as other tools save names their model lacked).
         """
-        from lorakit.inits import initialise
-
         if not name or "." in name:
             raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
         if name in self.configs:
@@ -156,15 +161,15 @@ class AdaptedModel(nn.Module):
         saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
         if config.modules_to_save and not saved:
             raise ConfigError(f"modules_to_save {list(config.modules_to_save)} matched no module of the model")
-        projections = self._vera_projections(name, config, [modules[p] for p in paths])
+        cls = method_class(config.method)
+        shared = self._shared_state(name, cls, config, [modules[p] for p in paths])
         for path in paths:
             layer = self._wrap(path)
-            adapter = build_method(config, path, layer, projections)
-            layer.add(name, adapter)
+            layer.add(name, build_method(cls, config, path, layer, shared))
         for path in saved:
             self._wrap_saved(path).add(name)
         self.configs[name] = config
-        initialise(self, name, config, gradient_loss)
+        initialise(self, self.layers_of(name), name, config, gradient_loss)
         if activate or (activate is None and not self.active):
             self.set_active(*self.active, name)
         else:
@@ -175,11 +180,9 @@ class AdaptedModel(nn.Module):
 
         The file is checked completely (values, keys, shapes, fingerprint) before the old adapter
         is touched; on any error the served set is unchanged. A retrained version of the same
-        adapter is copied into the old one's tensors; see :func:`lorakit.io.adapter_files.replace_adapter`.
+        adapter is copied into the old one's tensors; see :func:`lorakit.io.attaching.replace_adapter`.
         """
-        from lorakit.io.adapter_files import replace_adapter
-
-        replace_adapter(self, name, directory, **load_options)
+        _replace_adapter(self, name, directory, **load_options)
 
     def rename_adapter(self, old: str, new: str) -> None:
         self._require(old)
@@ -190,8 +193,8 @@ class AdaptedModel(nn.Module):
         for saved in self._saved.values():
             if old in saved.copies:
                 saved.rename(old, new)
-        if old in self.vera_projections:
-            self.vera_projections[new] = self.vera_projections.pop(old)
+        if old in self.shared:
+            self.shared[new] = self.shared.pop(old)
         self.configs[new] = self.configs.pop(old)
         if old in self.frozen:
             self.frozen.discard(old)
@@ -206,8 +209,8 @@ class AdaptedModel(nn.Module):
         for saved in self.saved_modules().values():
             if name in saved.copies:
                 saved.remove(name)
-        if name in self.vera_projections:
-            del self.vera_projections[name]
+        if name in self.shared:
+            del self.shared[name]
         del self.configs[name]
         self.frozen.discard(name)
         self.set_active(*(a for a in self.active if a != name))
@@ -275,14 +278,18 @@ class AdaptedModel(nn.Module):
 
     # -- merging -----------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None) -> None:
-        """Write adapters (default: the active ones) into the base weights, exactly reversibly."""
+        """Write adapters (default: the active ones) into the base weights, exactly reversibly.
+
+        An adapter whose method is not ``mergeable`` is refused before any layer changes."""
         names = list(self.active if names is None else names)
-        for n in names:
-            self._require(n)
+        self._require_mergeable(names)
         for layer in self.adapted_layers().values():
             layer.merge(names)
 
     def unmerge(self, names: list[str] | None = None) -> None:
+        """Take merged adapters (default: all) back out of the base weights."""
+        if names is not None:
+            self._require_mergeable(names)  # naming one that can never be merged is a mistake worth saying
         for layer in self.adapted_layers().values():
             layer.unmerge(names)
 
@@ -295,8 +302,7 @@ class AdaptedModel(nn.Module):
         (plus the update, computed in float32), and a warning says so.
         """
         names = list(self.active if names is None else names)
-        for n in names:
-            self._require(n)
+        self._require_mergeable(names)
         # Quantised bases cannot hold a merge: they become plain layers (dequantised W + update).
         plain = {p: layer.dequantised_merge(names) for p, layer in self._layers.items() if not layer.kind.writable}
         for layer in self._layers.values():
@@ -310,7 +316,7 @@ class AdaptedModel(nn.Module):
         self._layers, self._saved = {}, {}
         self.configs.clear()
         self.active = ()
-        self.vera_projections = nn.ModuleDict()
+        self.shared = nn.ModuleDict()
         if plain or any(quantized_kind(m) is not None for m in self.model.modules()):
             _report_dequantised(self.model, {p: moved for p, (_, moved) in plain.items()})
         return self.model
@@ -331,9 +337,17 @@ class AdaptedModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_summary(self) -> str:
-        from lorakit.report import summary_line
-
         return summary_line(self)
+
+    def shared_state_of(self, name: str) -> nn.Module | None:
+        """Adapter ``name``'s shared state (:meth:`AdapterMethod.shared_state`), or None when its method has none."""
+        self._require(name)
+        return self.shared[name] if name in self.shared else None  # noqa: SIM401 (ModuleDict has no get)
+
+    @property
+    def vera_projections(self) -> nn.ModuleDict:
+        """The older name of :attr:`shared` (VeRA's projections are its shared state)."""
+        return self.shared
 
     def print_trainable_parameters(self) -> None:
         print(self.parameter_summary())
@@ -343,6 +357,15 @@ class AdaptedModel(nn.Module):
         if name not in self.configs:
             known = ", ".join(self.configs) or "none"
             raise AdapterNotFoundError(f"no adapter named {name!r} on this model (loaded: {known})")
+
+    def _require_mergeable(self, names: list[str]) -> None:
+        """Every name is loaded and its method can be merged: checked before any layer changes."""
+        for n in names:
+            self._require(n)
+        for n in names:
+            layer = next(iter(self.layers_of(n).values()), None)
+            if layer is not None:
+                refuse_unmergeable({n: layer.adapters[n]})
 
     def _adapter_parameters(self, name: str, trainable_only: bool = False) -> list[nn.Parameter]:
         """The adapter's own tensors; with ``trainable_only``, those its method trains (whatever
@@ -386,34 +409,27 @@ class AdaptedModel(nn.Module):
         self._saved[path] = saved
         return saved
 
-    def _vera_projections(self, name: str, config: AdapterConfig, bases: list[nn.Module]) -> VeraProjections | None:
-        if config.method != "vera":
+    def _shared_state(self, name: str, cls: type[AdapterMethod], config: AdapterConfig,
+                      bases: list[nn.Module]) -> nn.Module | None:
+        """The method's state shared by the adapter's layers, on the base's device, kept under ``name``."""
+        if not bases:
             return None
-        kinds = [kind_for(b) for b in bases]
-        in_max = max(k.in_features for k in kinds)
-        out_max = max(k.out_features for k in kinds)
-        projections = VeraProjections(config.r, in_max, out_max, config.vera_seed).train(self.training)
+        shared = cls.shared_state(config, [kind_for(b) for b in bases])
+        if shared is None:
+            return None
         device = bases[0].weight.device
-        projections.to(device=device if device.type != "meta" else torch.device("cpu"))
-        self.vera_projections[name] = projections
-        return projections
+        shared.to(device=device if device.type != "meta" else torch.device("cpu")).train(self.training)
+        self.shared[name] = shared
+        return shared
 
 
-def build_method(
-    config: AdapterConfig, path: str, layer: AdaptedLayer, projections: VeraProjections | None
-) -> AdapterMethod:
-    """One method instance for one module, with the module's own rank and scaling."""
-    cls = METHODS[config.method]
-    rank = config.rank_for(path)
-    s = config.scaling_for(path)
-    if cls is VeRA:
-        assert projections is not None
-        return VeRA(layer.kind, config.r, s, config.dropout, projections, config.vera_d_initial)
-    method = cls(layer.kind, rank, s, config.dropout)
+def build_method(cls: type[AdapterMethod], config: AdapterConfig, path: str, layer: AdaptedLayer,
+                 shared: nn.Module | None) -> AdapterMethod:
+    """One method instance for one module, on the layer's device, attached to its base layer."""
+    method = cls.create(layer.kind, config, path, shared)
     if layer.adapter_device.type != "cpu":  # built on the CPU
         method.to(device=layer.adapter_device)
-    if isinstance(method, DoRA) and layer.weight.device.type != "meta":  # a meta base has no norms to read
-        method.init_magnitude(layer.base_layer)
+    method.attach(layer.base_layer)
     return method
 
 

@@ -1,7 +1,7 @@
 """Training-time rules that live beside the optimizer, not inside layers.
 
 - :func:`loraplus_param_groups` — LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns
-  ``ratio`` times faster than A.
+  ``ratio`` times faster than A. Which tensors are B-like is each method's ``up_tensors``.
 - :class:`DeltaLoRA` — Delta-LoRA (Zi et al. 2023, arXiv:2309.02411): the frozen W also moves,
   W ← W + c·s·(B' A' − B A) after every optimizer step from step K on.
 
@@ -20,24 +20,25 @@ from lorakit.methods.lora import LoRA
 if TYPE_CHECKING:
     from lorakit.model import AdaptedModel
 
-B_NAMES = ("lora_B", "vera_lambda_b")
-
-
 def loraplus_param_groups(
     model: AdaptedModel, lr: float, ratio: float = 16.0, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
-    """Parameter groups for any torch optimizer: lr for A-side tensors, ratio × lr for B.
+    """Parameter groups for any torch optimizer: ratio × lr for the up side (each method's
+    ``up_tensors``: LoRA's B, VeRA's b), lr for everything else that trains.
 
-    Tensors that are neither (DoRA's magnitude, trainable head copies) get the base lr, as in
-    the LoRA+ paper's reference implementation.
+    Tensors that are neither A nor B (DoRA's magnitude, trainable head copies) get the base lr,
+    as in the LoRA+ paper's reference implementation.
     """
+    up = {id(getattr(method, tensor)) for layer in model.adapted_layers().values()
+          for method in layer.adapters.values() for tensor in method.up_tensors}
     a_side, b_side = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (b_side if name.rsplit(".", 1)[-1] in B_NAMES else a_side).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (b_side if id(p) in up else a_side).append(p)
     if not b_side:
-        raise ConfigError("LoRA+ found no trainable B factors: is an adapter active?")
+        raise ConfigError("LoRA+ found no trainable up-side tensors (B): is an adapter active, and does its method "
+                          "declare up_tensors?")
+    # The group names keep LoRA's spelling (logged, and read by tools) whatever the methods call their tensors.
     return [
         {"params": a_side, "lr": lr, "weight_decay": weight_decay, "name": "lora_A+other"},
         {"params": b_side, "lr": lr * ratio, "weight_decay": weight_decay, "name": "lora_B"},

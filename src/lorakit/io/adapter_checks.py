@@ -1,7 +1,8 @@
 """Does an adapter file fit this model? Every check a load or hot swap makes before it changes anything.
 
-Keys and shapes against the modules the adapter's config targets, VeRA's shared projections,
-``modules_to_save`` copies, PEFT's copies of embedding base weights, the vocabulary size and
+Keys and shapes against the modules the adapter's config targets (each method says what it
+expects: ``expected_shapes``, ``expected_shared_shapes`` for state shared across layers such as
+VeRA's projections), ``modules_to_save`` copies, PEFT's copies of embedding base weights, the vocabulary size and
 the base-weight fingerprint. A file that fails any of them is refused with the near misses
 named, and the model is untouched.
 """
@@ -15,11 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterFileError, FingerprintMismatchError
 from lorakit.fingerprint import fingerprint_mismatch
-from lorakit.kinds import LayerKind, kind_for
+from lorakit.kinds import kind_for
 from lorakit.kinds_quantized import base_fingerprint
+from lorakit.methods import method_class
 from lorakit.targets import matches_rules, plain_modules, resolve_targets
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lorakit")
 
-PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # + module path + "." + the method's name for the tensor
+SHARED_PREFIX = "base_model."  # + the name of a tensor of the adapter's shared state
 BASE_COPY = ".base_layer.weight"  # PEFT's copy of a targeted embedding layer's own weight
 
 
@@ -50,12 +52,13 @@ def check_against_model(
         raise AdapterFileError(f"{source}: the adapter's targets do not fit this model: {exc}") from exc
     saved = [n for n in modules if config.modules_to_save and matches_rules(n, config.modules_to_save)]
     kinds = {path: layers[path].kind if path in layers else kind_for(modules[path]) for path in targets}
+    cls = method_class(config.method)
     expected: dict[str, tuple[int, ...]] = {}
     for path, kind in kinds.items():
-        expected.update(_expected_shapes(config, path, kind))
-    if config.method == "vera":
-        expected["base_model.vera_A"] = (config.r, max(k.in_features for k in kinds.values()))
-        expected["base_model.vera_B"] = (max(k.out_features for k in kinds.values()), config.r)
+        expected.update({PREFIX + path + "." + k: v for k, v in cls.expected_shapes(kind, config, path).items()})
+    if kinds:
+        shared = cls.expected_shared_shapes(config, list(kinds.values()))
+        expected.update({SHARED_PREFIX + k: v for k, v in shared.items()})
     for path in saved:
         for pname, value in modules[path].state_dict().items():
             expected[PREFIX + path + "." + pname] = tuple(value.shape)
@@ -110,22 +113,6 @@ def _check_base_copies(
                 f"does not replace base weights: copy it into {path}.weight first, or pass check_fingerprint=False "
                 "to ignore it."
             )
-
-
-def _expected_shapes(config: AdapterConfig, path: str, kind: LayerKind) -> dict[str, tuple[int, ...]]:
-    key = PREFIX + path + "."
-    if config.method == "vera":
-        return {key + "vera_lambda_b": (kind.out_features,), key + "vera_lambda_d": (config.r,)}
-    r = config.rank_for(path)
-    meta = torch.device("meta")
-    shapes = {
-        key + kind.peft_a_key: tuple(kind.a_to_file(torch.empty(r, kind.in_features, device=meta)).shape),
-        key + kind.peft_b_key: tuple(kind.b_to_file(torch.empty(kind.out_features, r, device=meta)).shape),
-    }
-    if config.method == "dora":
-        magnitude = kind.magnitude_to_file(torch.empty(kind.out_features, device=meta))
-        shapes[key + "lora_magnitude_vector"] = tuple(magnitude.shape)
-    return shapes
 
 
 def _vocab_hint(root: nn.Module, adapter: AdapterFile) -> str:

@@ -1,20 +1,24 @@
 """Mapping between lorakit's AdapterConfig and HF PEFT's ``adapter_config.json``.
 
-PEFT spells fields its own way (``r``, ``lora_alpha``, ``use_dora``) and writes many keys for
-features lorakit does not have. Policy for keys lorakit does not know: a key left at its
-default value is ignored with a note; any other value is an error, because ignoring it would
-change the result (a config written by a newer tool must not load as something else).
+The keys every adapter has (targets, modules_to_save, task type, ...) are written here; each
+method writes and reads its own (``peft_config_fields`` / ``config_from_peft``), and
+``peft_type`` says which method reads a file (a method PEFT lacks writes lorakit's own type,
+``LORAKIT_<NAME>``, which PEFT refuses). Policy for keys neither knows: a key left at its default
+value is ignored with a note; any other value is an error, because ignoring it would change the
+result (a config written by a newer tool must not load as something else).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lorakit.config import AdapterConfig
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.methods import METHODS, method_class, method_for_file_type
+from lorakit.methods.base import AdapterMethod
 
 log = logging.getLogger("lorakit")
 
@@ -23,30 +27,22 @@ INFORMATIONAL = frozenset({
     "peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping",
     "peft_version", "fan_in_fan_out", "init_lora_weights", "init_weights",
 })
-LORA_FIELDS = frozenset({
-    "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-    "modules_to_save", "lora_dropout", "layers_to_transform", "layers_pattern", "exclude_modules", "bias",
-})
-VERA_FIELDS = frozenset({
-    "r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
-    "modules_to_save", "layers_to_transform", "layers_pattern", "bias",
-})
+# Keys of every adapter, whatever its method.
+COMMON_FIELDS = frozenset({"target_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "bias"})
 # PEFT options whose default is not falsy; at these values they change nothing.
 NEUTRAL_VALUES: dict[str, Any] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
 
 
 def to_peft_dict(
     config: AdapterConfig,
-    target_paths: list[str],
+    modules: Mapping[str, AdapterMethod],
     saved_paths: list[str],
-    ranks: dict[str, int],
-    alphas: dict[str, float],
     uses_conv1d: bool,
     base_model_name_or_path: str | None,
     module_names: Iterable[str] = (),
     task_type: str | None = None,
 ) -> dict[str, Any]:
-    """PEFT's config for an adapter whose per-module ranks and alphas are given exactly.
+    """The ``adapter_config.json`` of an adapter whose method instances are ``modules`` (by path).
 
     Targets are written as exact module paths: PEFT's own "all-linear" rule differs from
     lorakit's (it keeps classifier heads), so a name list is the only spelling both read alike.
@@ -54,6 +50,15 @@ def to_peft_dict(
     it; where that would also take in another module of the model (``module_names``; "lin" and
     "inner.lin"), the targets are written as a full-match regex and the keys anchored instead.
     """
+    cls = method_class(config.method)
+    target_paths = list(modules)
+
+    def per_module(values: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(the most common value, {exact pattern: value} for the modules that differ)."""
+        default = _most_common(values.values())
+        return _number(default), {_exact_key(p, target_paths): _number(v)
+                                  for p, v in sorted(values.items()) if v != default}
+
     common = {
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
@@ -66,35 +71,18 @@ def to_peft_dict(
         "target_modules": _exact_targets(target_paths, module_names),
         "task_type": task_type,
     }
-    if config.method == "vera":
-        return {
-            **common, "peft_type": "VERA", "r": config.r, "projection_prng_key": config.vera_seed,
-            "save_projection": True, "vera_dropout": config.dropout, "d_initial": config.vera_d_initial,
-            "init_weights": True,
-        }
-    r = _most_common(ranks.values())
-    alpha = _most_common(alphas.values())
-    return {
-        **common,
-        "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": _number(alpha),
-        "rank_pattern": {_exact_key(p, target_paths): v for p, v in sorted(ranks.items()) if v != r},
-        "alpha_pattern": {_exact_key(p, target_paths): _number(v) for p, v in sorted(alphas.items()) if v != alpha},
-        "use_rslora": config.use_rslora,
-        "use_dora": config.method == "dora",
-        "lora_dropout": config.dropout,
-        "init_lora_weights": True,
-        "exclude_modules": None,
-    }
+    return {**common, **cls.peft_config_fields(config, modules, per_module), "peft_type": cls.file_type()}
 
 
 def from_peft_dict(data: dict[str, Any], source: str) -> AdapterConfig:
     """An AdapterConfig from PEFT's JSON, refusing options that would change the result."""
     peft_type = data.get("peft_type")
-    if peft_type not in ("LORA", "VERA"):
-        raise AdapterFileError(f"{source}: peft_type {peft_type!r} is not supported (LORA and VERA are)")
-    fields = LORA_FIELDS if peft_type == "LORA" else VERA_FIELDS
+    cls = method_for_file_type(peft_type)
+    if cls is None:
+        readable = sorted({m.file_type() for m in METHODS.values()})
+        raise AdapterFileError(f"{source}: peft_type {peft_type!r} is not supported (lorakit reads "
+                               f"{', '.join(readable)})")
+    fields = COMMON_FIELDS | cls.peft_config_keys
     for key, value in data.items():
         if key in fields or key in INFORMATIONAL:
             continue
@@ -117,27 +105,10 @@ def from_peft_dict(data: dict[str, Any], source: str) -> AdapterConfig:
         "layers_pattern": _layers_pattern(data.get("layers_pattern")),
         "modules_to_save": tuple(data.get("modules_to_save") or ()),
     }
-    if peft_type == "VERA":
-        if not data.get("save_projection", True):
-            raise AdapterFileError(
-                f"{source}: the VeRA projections were not saved (save_projection=false); "
-                "re-save the adapter with save_projection=True"
-            )
-        return AdapterConfig(
-            method="vera", dropout=float(data.get("vera_dropout", 0.0)),
-            vera_seed=int(data.get("projection_prng_key", 0)), vera_d_initial=float(data.get("d_initial", 0.1)),
-            **common,
-        )
-    return AdapterConfig(
-        method="dora" if data.get("use_dora") else "lora",
-        alpha=float(data.get("lora_alpha", 8)),
-        dropout=float(data.get("lora_dropout", 0.0)),
-        use_rslora=bool(data.get("use_rslora", False)),
-        rank_pattern={k: int(v) for k, v in (data.get("rank_pattern") or {}).items()},
-        alpha_pattern={k: float(v) for k, v in (data.get("alpha_pattern") or {}).items()},
-        exclude_modules=_optional_tuple_or_str(data.get("exclude_modules")),
-        **common,
-    )
+    try:
+        return AdapterConfig(**common, **cls.config_from_peft(data, source))
+    except ConfigError as exc:
+        raise AdapterFileError(f"{source}: {exc}") from exc
 
 
 def _exact_targets(target_paths: list[str], module_names: Iterable[str]) -> list[str] | str:
@@ -174,12 +145,6 @@ def _optional_tuple(value: Any) -> tuple | None:
     if value is None:
         return None
     return (value,) if isinstance(value, int) else tuple(value)
-
-
-def _optional_tuple_or_str(value: Any) -> tuple | str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return tuple(value)
 
 
 def _layers_pattern(value: Any) -> str | None:

@@ -16,17 +16,29 @@ and the row norms come from low-rank products, never from an (out, in) matrix:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
-from lorakit.kinds import LayerKind
+from lorakit.kinds_base import LayerKind
+from lorakit.methods.base import AdapterMethod, PerModule
 from lorakit.methods.lora import LoRA
+
+if TYPE_CHECKING:
+    from lorakit.config import AdapterConfig
+
+MAGNITUDE = "lora_magnitude_vector"
 
 
 class DoRA(LoRA):
     method_name = "dora"
+    title = "DoRA"
     additive = False
+    reads_base_weight = True  # the row norm ||W + s·B A||
     trainable = ("lora_A", "lora_B", "lora_magnitude_vector")
+    inits = ("default", "gaussian")  # PiSSA / gradient-SVD offsets are not part of DoRA's norm
 
     def __init__(self, kind: LayerKind, rank: int, scaling: float, dropout: float) -> None:
         super().__init__(kind, rank, scaling, dropout)
@@ -36,6 +48,39 @@ class DoRA(LoRA):
         self._norm_key: tuple | None = None
         self._norm: torch.Tensor | None = None
         self._merged_norm: torch.Tensor | None = None
+
+    def attach(self, base_layer: nn.Module) -> None:
+        if base_layer.weight.device.type != "meta":  # a meta base has no norms to read
+            self.init_magnitude(base_layer)
+
+    def output_scale(self, base_layer: nn.Module) -> torch.Tensor:
+        return self.lora_magnitude_vector / self.weight_norm(base_layer)
+
+    def take_combination(self, A: torch.Tensor, B_scaled: torch.Tensor,
+                         inputs: list[tuple[AdapterMethod, float]]) -> None:
+        """The low-rank parts add; the magnitude vectors average with the weights."""
+        super().take_combination(A, B_scaled, inputs)
+        total = sum(w for _, w in inputs)
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(sum(w * m.lora_magnitude_vector for m, w in inputs) / total)
+
+    # -- files: PEFT's LoRA with use_dora ------------------------------------------------------
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().file_tensors(), MAGNITUDE: self.kind.magnitude_to_file(self.lora_magnitude_vector)}
+
+    def file_copies(self, tensors: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [*super().file_copies(tensors), (self.lora_magnitude_vector, tensors[MAGNITUDE].reshape(-1))]
+
+    @classmethod
+    def expected_shapes(cls, kind: LayerKind, config: AdapterConfig, path: str) -> dict[str, tuple[int, ...]]:
+        magnitude = kind.magnitude_to_file(torch.empty(kind.out_features, device=torch.device("meta")))
+        return {**super().expected_shapes(kind, config, path), MAGNITUDE: tuple(magnitude.shape)}
+
+    @classmethod
+    def peft_config_fields(
+        cls, config: AdapterConfig, modules: Mapping[str, AdapterMethod], per_module: PerModule
+    ) -> dict[str, Any]:
+        return {**super().peft_config_fields(config, modules, per_module), "use_dora": True}
 
     def init_magnitude(self, base_layer: nn.Module) -> None:
         """m = ||W + s·BA|| per output row, so the layer is unchanged at initialisation."""

@@ -13,9 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError
+from lorakit.methods import METHODS
 
 TASKS = ("classify", "causal-lm")
-TRAIN_METHODS = ("lora", "lora-fa", "vera", "dora", "delta-lora", "full", "head")
+BASELINES = ("delta-lora", "full", "head")  # --method values that are training rules, not adapter methods
+
+
+def train_methods() -> tuple[str, ...]:
+    """--method's choices: every registered adapter method (lorakit.methods.METHODS), then the baselines."""
+    return (*METHODS, *BASELINES)
+
+
+TRAIN_METHODS = train_methods()  # as registered at import; validation reads the registry afresh
 QUANTIZE = ("none", "nf4", "int8")
 SCHEDULERS = ("constant", "linear", "cosine")
 
@@ -36,7 +45,7 @@ class TrainConfig:
     chat_template: str | None = None  # a Jinja file replacing the tokenizer's chat template (saved with the adapter)
     quantize: str = "none"  # none | nf4 | int8: the frozen base through bitsandbytes (QLoRA)
     # the adapter
-    method: str = "lora"  # lora | lora-fa | vera | dora | delta-lora | full (baseline) | head (baseline)
+    method: str = "lora"  # {methods} | delta-lora (LoRA that also moves W) | full (baseline) | head (baseline)
     rank: int = 8  # r: the rank of the update B·A
     alpha: float = 16.0  # the update is scaled by alpha / rank (alpha / √rank with --rslora)
     dropout: float = 0.0  # on the adapter's input; PEFT's default (0.05 cost accuracy: BENCHMARKS.md §9)
@@ -79,8 +88,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.method not in TRAIN_METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
+        if self.method not in train_methods():
+            raise ConfigError(f"--method must be one of {', '.join(train_methods())}, got {self.method!r}")
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.bf16 not in ("auto", "on", "off"):
@@ -141,7 +150,7 @@ def _comment_help() -> dict[str, str]:
     source = inspect.getsource(TrainConfig)
     found = {}
     for match in re.finditer(r"^\s+(\w+): [^=]+= [^#\n]+#\s*(.+)$", source, re.M):
-        found[match.group(1)] = match.group(2).strip()
+        found[match.group(1)] = match.group(2).strip().replace("{methods}", " | ".join(METHODS))
     return found
 
 
