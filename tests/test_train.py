@@ -385,3 +385,15 @@ def test_log_without_tensorboard_installed_is_refused_before_anything_is_written
     monkeypatch.setattr(builtins, "__import__", without_tensorboard)
     refused(tmp_path, capsys, small(tmp_path / "never", *data, "--log", "tensorboard"),
             "pip install 'lorakit[tensorboard]'")
+
+
+def test_method_options_reach_the_adapter_and_a_typo_is_refused_before_the_run(tmp_path, data, capsys):
+    out = tmp_path / "vera"
+    assert run(*small(out, *data, "--method", "vera", "--method-options", "projection_seed=7,d_initial=0.25",
+                      "--general-samples", "0")) == 0
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["projection_prng_key"] == 7 and saved["vera_dropout"] == 0.0
+    refused(tmp_path, capsys, small(tmp_path / "never", *data, "--method", "vera", "--method-options", "d_init=0.1"),
+            "has no option 'd_init'")
+    refused(tmp_path, capsys, small(tmp_path / "never", *data, "--method", "full", "--method-options", "a=1"),
+            "takes no --method-options")

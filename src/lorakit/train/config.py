@@ -47,6 +47,7 @@ class TrainConfig:
     # the adapter
     method: str = "lora"  # {methods} | delta-lora (LoRA that also moves W) | full (baseline) | head (baseline)
     rank: int = 8  # r: the rank of the update B·A
+    method_options: str | None = None  # the method's own options, key=value,... (e.g. projection_seed=1,d_initial=0.1)
     alpha: float = 16.0  # the update is scaled by alpha / rank (alpha / √rank with --rslora)
     dropout: float = 0.0  # on the adapter's input; PEFT's default (0.05 cost accuracy: BENCHMARKS.md §9)
     targets: str = "query,value,q_proj,v_proj,c_attn"  # comma list, a regex, or all-linear
@@ -103,6 +104,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be at least 1")
+        self.options()  # a typo in --method-options fails here, before any work
         if self.quantize != "none" and self.method == "full":
             raise ConfigError("--method full trains every weight, which a quantised base cannot; drop --quantize")
         if self.select not in ("last", "best"):
@@ -137,6 +139,24 @@ class TrainConfig:
         if any(ch in spec for ch in "*()[]|\\^$+?"):
             return spec
         return tuple(t.strip() for t in spec.split(",") if t.strip())
+
+    def options(self) -> dict[str, Any]:
+        """--method-options as a mapping, checked against the method's own options. In a YAML file it
+        may be a mapping already; on the command line it is ``key=value,...`` (values read as YAML)."""
+        import yaml
+
+        given = self.method_options
+        if given is None or given == "":
+            return {}
+        if isinstance(given, str):
+            pairs = [item.split("=", 1) for item in given.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ConfigError(f"--method-options takes key=value pairs separated by commas, got {given!r}")
+            given = {key.strip(): yaml.safe_load(value) for key, value in pairs}
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method} takes no --method-options")
+        METHODS[self.method].options_from(given)
+        return dict(given)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.methods import METHODS
 from lorakit.train import batches as B
 from lorakit.train.chat import read_template
 from lorakit.train.config import TrainConfig
@@ -68,7 +69,7 @@ def adapter_config(config: TrainConfig, model: nn.Module) -> lorakit.AdapterConf
     return lorakit.AdapterConfig(
         method=method, r=config.rank, alpha=config.alpha, dropout=0.0 if config.method == "delta-lora" else
         config.dropout, use_rslora=config.rslora, init=config.init, target_modules=targets,
-        modules_to_save=tuple(heads),
+        modules_to_save=tuple(heads), options=config.options() if method in METHODS else None,
     )
 
 
