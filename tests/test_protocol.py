@@ -335,3 +335,22 @@ def test_loraplus_puts_its_declared_up_tensor_in_the_fast_group(registered):
         assert id(method.gate_up) in fast and id(method.gate_down) in slow
     for method in am.adapter_modules("lora").values():
         assert id(method.lora_B) in fast and id(method.lora_A) in slow
+
+
+def test_lorakit_eval_reports_that_it_ships_unmerged_instead_of_a_parity(registered):
+    from lorakit.evaluation.parity import parity
+    from lorakit.evaluation.report_files import summary_lines
+
+    am = lorakit.adapt(tiny_llama(layers=1), config())
+    nudge(am, "default")
+    batch = {"input_ids": ids(), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    found = parity(am, "default", batch)
+    assert found["max_logit_diff"] is None and found["mergeable"] is False
+    assert "cannot be merged: its update is non-linear" in found["note"]
+    report = {"model": "m", "task_kind": "causal-lm", "shipped": "gate", "cost": {"seconds": 1, "forward_passes": 2,
+                                                                                  "device": "cpu"},
+              "candidates": {"gate": {"tasks": {}, "keep": {"source": "k", "flips_right_to_wrong": 0,
+                                                            "flips_wrong_to_right": 0, "examples": 1,
+                                                            "base_correct": 1, "mean_kl": 0.0, "kl_unit": "token"},
+                                      "parity": found}}}
+    assert any("it ships unmerged" in line for line in summary_lines(report))

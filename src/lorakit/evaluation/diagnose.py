@@ -35,7 +35,7 @@ def warnings_for(name: str, data: EvalSet, paired: Paired, section: dict[str, An
             found.append(f"{name} gets {keep['flips_right_to_wrong']} of the {keep['base_correct']} keep examples the "
                          f"base got right wrong ({100 * share:.0f}%)")
     parity = section["parity"]["max_logit_diff"]
-    if parity > PARITY_LIMIT:
+    if parity is not None and parity > PARITY_LIMIT:
         found.append(f"{name}: merged and unmerged logits differ by up to {parity:.3g}; serve it unmerged or check "
                      "the merge")
     return [w for w in found if w]

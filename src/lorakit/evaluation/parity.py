@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from lorakit.evaluation.passes import only
 from lorakit.layer import AdaptedLayer
+from lorakit.methods import method_class
 from lorakit.model import AdaptedModel
 
 
@@ -63,7 +64,12 @@ def merged(model: AdaptedModel, name: str) -> Iterator[list[str]]:
 
 
 def parity(model: AdaptedModel, name: str, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The largest logit difference merged vs unmerged on ``batch``, in the model's own dtype."""
+    """The largest logit difference merged vs unmerged on ``batch``, in the model's own dtype; for a
+    method that cannot be merged (a non-linear update), that fact and its reason instead."""
+    method = method_class(model.configs[name].method)
+    if not method.mergeable:
+        return {"max_logit_diff": None, "mergeable": False,
+                "note": f"{method.method_name} cannot be merged: {method.why_not_mergeable}; it ships unmerged"}
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.inference_mode(), only(model, name):
         unmerged = _logits(model, inputs)

@@ -93,7 +93,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                              f"{g['embedding_cosine']:.4f} (drift {g['embedding_drift']:.2e})")
         p = c["parity"]
         note = " (quantised base: merged = dequantised + update)" if p.get("quantized_base") else ""
-        lines.append(f"  merged vs unmerged: max logit difference {p['max_logit_diff']:.3g} in {p['dtype']}{note}")
+        if p["max_logit_diff"] is None:
+            lines.append(f"  merged vs unmerged: {p['note']}")
+        else:
+            lines.append(f"  merged vs unmerged: max logit difference {p['max_logit_diff']:.3g} in {p['dtype']}{note}")
     cost = report["cost"]
     lines.append(f"cost: {cost['seconds']:.1f} s, {cost['forward_passes']} example forward passes on {cost['device']}")
     return lines
