@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_zoo import tiny_llama
+from serve_fixtures import byte_tokenizer as serve_byte_tokenizer
 from test_train import small, write_classification
 
 import lorakit
@@ -30,18 +31,8 @@ PROMPT = "The quick brown fox"
 
 
 def byte_tokenizer():
-    """A real HF fast tokenizer: byte-level BPE with no merges (one token per byte), BOS first, a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"])}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    """The serve tests' byte-level HF tokenizer (BOS first), with a chat template."""
+    tokenizer = serve_byte_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import refused
 from torch import nn
 
 import lorakit
@@ -212,14 +213,6 @@ def test_train_with_pack_gives_the_unpacked_adapter_with_less_padding(tmp_path, 
         torch.testing.assert_close(packed[k], plain[k], atol=1e-5, rtol=1e-4)
     assert packed_summary["tokens_per_second"] > 0 and plain_summary["tokens_per_second"] > 0
     assert 0 <= packed_summary["padding_share"] < plain_summary["padding_share"] < 1
-
-
-def refused(tmp_path, capsys, args: list[str], message: str) -> None:
-    out = tmp_path / "never"
-    assert main(["train", "--quiet", "--out", str(out), *args]) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    assert not out.exists()
 
 
 def test_pack_with_classification_is_refused(tmp_path, capsys):
