@@ -51,6 +51,11 @@ class TrainConfig:
     alpha: float = 16.0  # the update is scaled by alpha / rank (alpha / √rank with --rslora)
     dropout: float = 0.0  # on the adapter's input; PEFT's default (0.05 cost accuracy: BENCHMARKS.md §9)
     targets: str = "query,value,q_proj,v_proj,c_attn"  # comma list, a regex, or all-linear
+    exclude_modules: str | None = None  # modules --targets matched that get no adapter: comma list or regex
+    layers_to_transform: str | None = None  # only the blocks of these layer indices get adapters: 0,1,2
+    layers_pattern: str | None = None  # the container whose next name is the layer index (e.g. layers); unset: guessed
+    rank_pattern: str | None = None  # per-module ranks: pattern=rank,... (YAML: a mapping); PEFT's suffix/regex rule
+    alpha_pattern: str | None = None  # per-module alphas: pattern=alpha,... (YAML: a mapping)
     rslora: bool = False  # scale by alpha / √rank (rsLoRA), so larger ranks keep learning
     init: str = "default"  # default | gaussian | pissa | gradient-svd
     init_batches: int = 4  # gradient-svd: training batches whose gradient sets the factors
@@ -105,6 +110,7 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be at least 1")
         self.options()  # a typo in --method-options fails here, before any work
+        self.excluded_modules(), self.layer_indices(), self.rank_patterns(), self.alpha_patterns()  # likewise
         if self.quantize != "none" and self.method == "full":
             raise ConfigError("--method full trains every weight, which a quantised base cannot; drop --quantize")
         if self.select not in ("last", "best"):
@@ -143,23 +149,78 @@ class TrainConfig:
     def options(self) -> dict[str, Any]:
         """--method-options as a mapping, checked against the method's own options. In a YAML file it
         may be a mapping already; on the command line it is ``key=value,...`` (values read as YAML)."""
-        import yaml
-
-        given = self.method_options
-        if given is None or given == "":
+        given = _key_values(self.method_options, "--method-options")
+        if not given:
             return {}
-        if isinstance(given, str):
-            pairs = [item.split("=", 1) for item in given.split(",") if item.strip()]
-            if any(len(pair) != 2 for pair in pairs):
-                raise ConfigError(f"--method-options takes key=value pairs separated by commas, got {given!r}")
-            given = {key.strip(): yaml.safe_load(value) for key, value in pairs}
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method} takes no --method-options")
         METHODS[self.method].options_from(given)
         return dict(given)
 
+    def excluded_modules(self) -> tuple[str, ...] | str | None:
+        """--exclude-modules as AdapterConfig wants it: a regex, or a tuple of names (YAML: a list too)."""
+        given = self.exclude_modules
+        if given is None or given == "" or given == []:
+            return None
+        if isinstance(given, (list, tuple)):
+            return tuple(str(name) for name in given)
+        spec = str(given).strip()
+        if any(ch in spec for ch in "*()[]|\\^$+?"):
+            return spec
+        return tuple(t.strip() for t in spec.split(",") if t.strip())
+
+    def layer_indices(self) -> tuple[int, ...] | None:
+        """--layers-to-transform as a tuple of layer indices: ``0,1,2`` on the command line, a list
+        or one number in YAML."""
+        given = self.layers_to_transform
+        if given is None or given == "" or given == []:
+            return None
+        items = [given] if isinstance(given, int) else given if isinstance(given, (list, tuple)) \
+            else str(given).split(",")
+        try:
+            indices = tuple(int(str(item).strip()) for item in items if str(item).strip())
+        except ValueError:
+            raise ConfigError(f"--layers-to-transform takes layer indices separated by commas (e.g. 0,1,2), "
+                              f"got {given!r}") from None
+        if any(i < 0 for i in indices):
+            raise ConfigError(f"--layers-to-transform indices must be 0 or more, got {given!r}")
+        return indices
+
+    def rank_patterns(self) -> dict[str, int]:
+        """--rank-pattern as {module pattern: rank}: ``pattern=rank,...`` or a YAML mapping."""
+        patterns = _key_values(self.rank_pattern, "--rank-pattern")
+        for key, value in patterns.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--rank-pattern: the rank of {key!r} must be a positive integer, got {value!r}")
+        return patterns
+
+    def alpha_patterns(self) -> dict[str, float]:
+        """--alpha-pattern as {module pattern: alpha}: ``pattern=alpha,...`` or a YAML mapping."""
+        patterns = _key_values(self.alpha_pattern, "--alpha-pattern")
+        for key, value in patterns.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"--alpha-pattern: the alpha of {key!r} must be a number, got {value!r}")
+        return {key: float(value) for key, value in patterns.items()}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _key_values(given: Any, flag: str) -> dict[str, Any]:
+    """A mapping given in YAML, or ``key=value,...`` from the command line (values read as YAML,
+    so 4 is a number and true a boolean)."""
+    import yaml
+
+    if given is None or given == "":
+        return {}
+    if isinstance(given, dict):
+        return {str(key): value for key, value in given.items()}
+    if not isinstance(given, str):
+        raise ConfigError(f"{flag} takes key=value pairs separated by commas (in YAML: a mapping), got {given!r}")
+    pairs = [item.split("=", 1) for item in given.split(",") if item.strip()]
+    if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+        raise ConfigError(f"{flag} takes key=value pairs separated by commas, got {given!r}")
+    return {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
 def _comment_help() -> dict[str, str]:

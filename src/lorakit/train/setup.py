@@ -69,6 +69,9 @@ def adapter_config(config: TrainConfig, model: nn.Module) -> lorakit.AdapterConf
     return lorakit.AdapterConfig(
         method=method, r=config.rank, alpha=config.alpha, dropout=0.0 if config.method == "delta-lora" else
         config.dropout, use_rslora=config.rslora, init=config.init, target_modules=targets,
+        exclude_modules=config.excluded_modules(), layers_to_transform=config.layer_indices(),
+        layers_pattern=config.layers_pattern or None, rank_pattern=config.rank_patterns(),
+        alpha_pattern=config.alpha_patterns(),
         modules_to_save=tuple(heads), options=config.options() if method in METHODS else None,
     )
 
