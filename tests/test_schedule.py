@@ -146,3 +146,23 @@ def test_train_help_lists_the_new_flags(capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     assert "--scheduler" in text and "--select" in text and "(default: constant)" in text
+
+
+def test_the_causal_lm_loss_is_transformers_own_on_the_same_labels():
+    """batch_loss shifts the labels (not the logits): the sum and count give transformers' mean loss."""
+    import torch
+
+    from lorakit.train.batches import IGNORE
+    from lorakit.train.loop import batch_loss
+    from lorakit.train.models import load_model
+
+    model = load_model("random:llama,hidden=32,layers=1,heads=2,kv_heads=2,intermediate=64", "causal-lm", seed=0)
+    ids = torch.randint(3, 259, (2, 7), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = IGNORE  # a prompt that carries no loss
+    labels[1, 5:] = IGNORE  # padding
+    mask = torch.ones_like(ids)
+    total, units = batch_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert units == (labels[:, 1:] != IGNORE).sum().item() == 4 + 4
+    torch.testing.assert_close(total / units, expected, rtol=1e-6, atol=1e-6)

@@ -49,9 +49,10 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32; float64 stays
     if labels.dim() == 1:  # classification
         return F.cross_entropy(logits, labels, reduction="sum"), labels.numel()
-    shifted = logits[:, :-1]
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=B.IGNORE,
+    # Position t predicts token t+1: shift the labels, not the logits, so the (tokens × vocabulary)
+    # logits and their gradient are not copied by a slice (275 MiB a step on SmolLM2, BENCHMARKS §12).
+    targets = F.pad(labels[:, 1:], (0, 1), value=B.IGNORE)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=B.IGNORE,
                            reduction="sum")
     return loss, int((targets != B.IGNORE).sum())
 
