@@ -11,10 +11,11 @@ from __future__ import annotations
 from lorakit.errors import ConfigError
 from lorakit.methods.base import AdapterMethod, check_method_class
 from lorakit.methods.dora import DoRA
+from lorakit.methods.gpart import GPart
 from lorakit.methods.lora import LoRA, LoRAFA
 from lorakit.methods.vera import VeRA, VeraProjections
 
-BUILT_IN: tuple[type[AdapterMethod], ...] = (LoRA, LoRAFA, DoRA, VeRA)
+BUILT_IN: tuple[type[AdapterMethod], ...] = (LoRA, LoRAFA, DoRA, VeRA, GPart)
 
 METHODS: dict[str, type[AdapterMethod]] = {}
 
