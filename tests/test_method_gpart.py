@@ -1,17 +1,17 @@
 """GPart (arXiv:2605.14841): ΔW = scale · reshape(P θ) with a fixed isometric partition matrix P.
 
-The yardstick is written here independently of lorakit: the partition rule in plain Python
-integers (entries sorted by a 32-bit hash of their number and the seed, position p joins group
-p mod d), P built as an explicit float64 matrix, and each layer kind's output from it.
+The yardstick is written independently of lorakit (tests/reference.py): the partition rule in
+plain Python integers (entries sorted by a 32-bit hash of their number and the seed, position p
+joins group p mod d), P built as an explicit float64 matrix, and each layer kind's output from it.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
 from model_zoo import ToyNet, tiny_llama, toy_inputs
@@ -25,46 +25,14 @@ from lorakit.cli import main
 from lorakit.combine import combine_adapters
 from lorakit.methods.gpart import GPartPartitions, partition
 
-M32 = 0xFFFFFFFF
-
-
-# -- the reference ---------------------------------------------------------------------------------
-def lowbias32(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & M32
-    return x ^ (x >> 16)
-
-
-def reference_groups(out: int, inp: int, d: int, seed: int) -> list[int]:
-    """Each entry's group (row-major over the (out, in) matrix)."""
-    n, s = out * inp, lowbias32(seed)
-    order = sorted(range(n), key=lambda j: lowbias32(j ^ s))
-    groups = [0] * n
-    for position, entry in enumerate(order):
-        groups[entry] = position % d
-    return groups
-
-
-def reference_matrix(out: int, inp: int, d: int, seed: int) -> torch.Tensor:
-    """P (out·in, d) in float64: 1/√n_g on the entries of group g."""
-    groups = reference_groups(out, inp, d, seed)
-    sizes = [groups.count(g) for g in range(d)]
-    P = torch.zeros(out * inp, d, dtype=torch.float64)
-    for entry, g in enumerate(groups):
-        P[entry, g] = 1.0 / math.sqrt(sizes[g])
-    return P
-
-
-def reference_delta(module, seed: int) -> torch.Tensor:
-    """ΔW = scale · reshape(P θ), (out, in), float64."""
-    out, inp = module.kind.out_features, module.kind.in_features
-    P = reference_matrix(out, inp, module.d, seed)
-    return module.scaling * (P @ module.gpart_theta.detach().double()).reshape(out, inp)
-
 
 # -- helpers ---------------------------------------------------------------------------------------
+def reference_delta(module, seed: int) -> torch.Tensor:
+    """ΔW = scale · reshape(P θ), (out, in), float64."""
+    W0 = torch.zeros(module.kind.out_features, module.kind.in_features)
+    return ref.gpart_weight(W0, module.gpart_theta, module.scaling, seed)
+
+
 def single(layer: nn.Module, **config) -> tuple[lorakit.AdaptedModel, object]:
     holder = nn.Sequential()
     holder.add_module("layer", layer)
@@ -91,7 +59,7 @@ def f64(t: torch.Tensor) -> torch.Tensor:
 def test_partition_is_the_reference_rule_and_balanced(out, inp, d, seed):
     groups = partition(out, inp, d, seed)
     assert groups.dtype == torch.int32 and groups.shape == (out * inp,)
-    assert groups.tolist() == reference_groups(out, inp, d, seed)
+    assert groups.tolist() == ref.gpart_groups(out, inp, d, seed)
     sizes = torch.bincount(groups.long(), minlength=d)
     assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
 
@@ -106,7 +74,7 @@ def test_partition_is_pinned_so_saved_files_keep_their_map():
 def test_the_partition_matrix_is_an_isometry_and_the_update_is_p_theta():
     torch.manual_seed(0)
     _, m = single(nn.Linear(7, 5), options={"d": 9, "seed": 3, "scale": 0.5})
-    P = reference_matrix(5, 7, 9, 3)
+    P = ref.gpart_matrix(5, 7, 9, 3)
     assert_close(P.T @ P, torch.eye(9, dtype=torch.float64), atol=1e-12, rtol=0)
     expected = 0.5 * (P @ f64(m.gpart_theta)).reshape(5, 7)
     assert_close(f64(m.delta_weight()), expected, atol=1e-6, rtol=0)
@@ -202,7 +170,7 @@ def test_unchanged_at_init_and_the_gradient_reaches_exactly_theta_as_p_transpose
     assert {n for n, p in am.named_parameters() if p.grad is not None} == {"model.layer.adapters.default.gpart_theta"}
     # ∂L/∂ΔW = Σ_rows (∂L/∂y)ᵀ x, and ∂L/∂θ = scale · Pᵀ vec(∂L/∂ΔW)
     dL_dW = (2 * (f64(out) - f64(target))).T @ f64(x)
-    expected = 2.0 * reference_matrix(4, 6, 10, 4).T @ dL_dW.reshape(-1)
+    expected = 2.0 * ref.gpart_matrix(4, 6, 10, 4).T @ dL_dW.reshape(-1)
     assert expected.abs().min() > 0
     assert_close(f64(m.gpart_theta.grad), expected, atol=1e-5, rtol=1e-5)
 
