@@ -280,3 +280,21 @@ def test_lorakit_train_with_method_options_lowers_the_loss(tmp_path):
     assert losses[-1] < losses[0]
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["options"] == {"d": 300, "seed": 5, "scale": 1.0}
+
+
+@pytest.mark.parametrize("other_seed", [123, 321])  # the same map (values copied in place), or another one
+def test_a_hot_swap_serves_what_a_fresh_load_of_the_new_file_serves(tmp_path, other_seed):
+    base = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    folders = {}
+    for seed, values in ((123, 1), (other_seed, 2)):
+        am = lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(
+            method="gpart", r=2, target_modules=["q_proj", "v_proj"], options={"seed": seed}))
+        randomise(am, seed=values)
+        folders[values] = tmp_path / str(values)
+        lorakit.save_adapter(am, folders[values])
+    served = lorakit.load_adapter(copy.deepcopy(base), folders[1])
+    served.replace_adapter("default", folders[2])
+    fresh = lorakit.load_adapter(copy.deepcopy(base), folders[2])
+    with torch.no_grad():
+        assert torch.equal(served(ids).logits, fresh(ids).logits)
