@@ -16,10 +16,11 @@ full weight space" (PEFT's Uni-LoRA builds the same kind of matrix for its LoRA 
 
 Choices of lorakit's reading:
 
-- **One θ per adapted layer**, not one for the whole model. Each layer's θ and map are its own,
-  as in PEFT's tuners, so a method instance owns its trained tensor (lorakit trains, freezes,
-  saves and hot-swaps tensors per layer). The maps are shared: layers of the same shape, d and
-  seed use the same map, kept once per adapter in the shared state (:class:`GPartPartitions`).
+- **One θ per adapted layer**, as in PEFT's tuners. The abstract's "single" matrix may span
+  every layer with one model-wide θ; lorakit trains, freezes, saves and hot-swaps each layer's
+  own tensors, and an adapter's shared state holds frozen tensors only, so a model-wide θ would
+  need the protocol extended. The maps are shared: layers of the same shape, d and seed use the
+  same map, kept once per adapter in the shared state (:class:`GPartPartitions`).
 - **d per layer**: option ``d``, or by default r·(in + out), the trainable parameters of LoRA
   of rank r on that layer (``rank_pattern`` applies), so GPart and LoRA compare at equal budgets
   with the same ``r``. A layer with fewer than d entries gets d = out·in: each entry its own
