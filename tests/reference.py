@@ -43,3 +43,45 @@ def rank_r_svd(M, r):
     """The best rank-r approximation of M (Eckart–Young)."""
     U, S, Vh = torch.linalg.svd(f64(M), full_matrices=False)
     return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def lowbias32(x: int) -> int:
+    """C. Wellons' 32-bit integer hash, in plain Python integers."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def gpart_groups(out, inp, d, seed):
+    """GPart's partition as lorakit reads arXiv:2605.14841: the (out, in) entries (row-major) sorted
+    by lowbias32(entry XOR lowbias32(seed)); the entry at position p joins group p mod d."""
+    s = lowbias32(seed)
+    order = sorted(range(out * inp), key=lambda j: lowbias32(j ^ s))
+    groups = [0] * (out * inp)
+    for position, entry in enumerate(order):
+        groups[entry] = position % d
+    return groups
+
+
+def gpart_matrix(out, inp, d, seed):
+    """P (out·in, d): 1/√n_g on the n_g entries of group g, so PᵀP = I."""
+    groups = gpart_groups(out, inp, d, seed)
+    sizes = [groups.count(g) for g in range(d)]
+    P = torch.zeros(out * inp, d, dtype=torch.float64)
+    for entry, g in enumerate(groups):
+        P[entry, g] = sizes[g] ** -0.5
+    return P
+
+
+def gpart_weight(W, theta, scale, seed):
+    """W' = W + scale · reshape(P θ)  (GPart, arXiv:2605.14841)."""
+    out, inp = W.shape
+    P = gpart_matrix(out, inp, theta.numel(), seed)
+    return f64(W) + scale * (P @ f64(theta)).reshape(out, inp)
+
+
+def gpart(x, W, bias, theta, scale, seed):
+    h = f64(x) @ gpart_weight(W, theta, scale, seed).T
+    return h if bias is None else h + f64(bias)

@@ -43,6 +43,7 @@ NEW_WEIGHT = {
     "vera": lambda W, m, s: ref.f64(W)
     + (ref.f64(m.vera_lambda_b)[:, None] * ref.f64(m.projections.vera_B)[:W.shape[0]])
     @ (ref.f64(m.vera_lambda_d)[:, None] * ref.f64(m.projections.vera_A)[:, :W.shape[1]]),
+    "gpart": lambda W, m, s: ref.gpart_weight(W, m.gpart_theta, s, m.partitions.seed),
 }
 
 
@@ -52,13 +53,15 @@ def reference_output(x, W, bias, method_name, m, s):
         return ref.vera(x, W, bias, m.projections.vera_A, m.projections.vera_B, m.vera_lambda_d, m.vera_lambda_b)
     if method_name == "dora":
         return ref.dora(x, W, bias, m.lora_A, m.lora_B, s, m.lora_magnitude_vector)
+    if method_name == "gpart":
+        return ref.gpart(x, W, bias, m.gpart_theta, s, m.partitions.seed)
     if method_name in ("lora", "lora-fa"):
         return ref.lora(x, W, bias, m.lora_A, m.lora_B, s)
     raise AssertionError(f"no reference formula for method {method_name!r}: write its paper formula in "
                          "tests/reference.py and here")
 
 
-UNSCALED = {"vera"}  # its trained vectors carry the scale
+UNSCALED = {"vera", "gpart"}  # their trained vectors carry the scale (GPart: its scale option, 1 by default)
 
 
 def expected_scaling(method: str, alpha: float, r: int, rslora: bool = False) -> float:

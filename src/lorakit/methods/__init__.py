@@ -12,10 +12,11 @@ from lorakit.errors import ConfigError
 from lorakit.methods.base import AdapterMethod, check_method_class
 from lorakit.methods.cera import CeRA
 from lorakit.methods.dora import DoRA
+from lorakit.methods.gpart import GPart
 from lorakit.methods.lora import LoRA, LoRAFA
 from lorakit.methods.vera import VeRA, VeraProjections
 
-BUILT_IN: tuple[type[AdapterMethod], ...] = (LoRA, LoRAFA, DoRA, VeRA, CeRA)
+BUILT_IN: tuple[type[AdapterMethod], ...] = (LoRA, LoRAFA, DoRA, VeRA, CeRA, GPart)
 
 METHODS: dict[str, type[AdapterMethod]] = {}
 
