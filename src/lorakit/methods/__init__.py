@@ -12,9 +12,10 @@ from lorakit.errors import ConfigError
 from lorakit.methods.base import AdapterMethod, check_method_class
 from lorakit.methods.dora import DoRA
 from lorakit.methods.lora import LoRA, LoRAFA
+from lorakit.methods.sds_lora import SDSLoRA
 from lorakit.methods.vera import VeRA, VeraProjections
 
-BUILT_IN: tuple[type[AdapterMethod], ...] = (LoRA, LoRAFA, DoRA, VeRA)
+BUILT_IN: tuple[type[AdapterMethod], ...] = (LoRA, LoRAFA, DoRA, VeRA, SDSLoRA)
 
 METHODS: dict[str, type[AdapterMethod]] = {}
 
