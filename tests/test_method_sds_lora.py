@@ -125,6 +125,24 @@ def test_gradients_are_sds_on_every_layer_kind(init):
         assert (G @ method.lora_A.detach().T - expected[path][1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_the_input_gradient_stays_loras_through_a_kind_with_its_own_down_and_up(init):
+    """Two adapted convolutions in a row: the first one's gradients hold only if the second passes
+    its input the true gradient (LoRA's, offset included)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 4, 3, stride=2)).double().eval()
+    am = lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(init=init, method="sds-lora", r=2, alpha=3,
+                                                                  target_modules=["0", "2"]))
+    am.to(torch.float64)
+    randomise(am, seed=3)
+    image = torch.randn(2, 3, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def loss(model):
+        return model(image).square().sum()
+
+    assert_gradients_match(lorakit_gradients(am.train(), loss), reference_gradients(am, base, loss))
+
+
 def test_training_through_the_model_takes_the_sds_path_not_loras_fused_node():
     """Bias-free Linears in training are where LoRA runs its one-node fused path (lorakit.fused),
     whose backward is LoRA's: SDS-LoRA's gradients must still come out."""
