@@ -14,9 +14,10 @@ from lorakit.methods.cera import CeRA
 from lorakit.methods.dora import DoRA
 from lorakit.methods.gpart import GPart
 from lorakit.methods.lora import LoRA, LoRAFA
+from lorakit.methods.sds_lora import SDSLoRA
 from lorakit.methods.vera import VeRA, VeraProjections
 
-BUILT_IN: tuple[type[AdapterMethod], ...] = (LoRA, LoRAFA, DoRA, VeRA, CeRA, GPart)
+BUILT_IN: tuple[type[AdapterMethod], ...] = (LoRA, LoRAFA, DoRA, VeRA, CeRA, GPart, SDSLoRA)
 
 METHODS: dict[str, type[AdapterMethod]] = {}
 
@@ -77,6 +78,7 @@ def method_for_file_type(peft_type: object) -> type[AdapterMethod] | None:
 for _cls in BUILT_IN:
     register_method(_cls)
 
-__all__ = ["BUILT_IN", "METHODS", "AdapterMethod", "DoRA", "LoRA", "LoRAFA", "VeRA", "VeraProjections",
+__all__ = ["BUILT_IN", "METHODS", "AdapterMethod", "CeRA", "DoRA", "GPart", "LoRA", "LoRAFA", "SDSLoRA", "VeRA",
+           "VeraProjections",
            "method_class", "method_for_file_type", "register_method", "require_combinable",
            "require_mergeable", "unregister_method"]
