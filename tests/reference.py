@@ -39,6 +39,14 @@ def vera(x, W, bias, A_shared, B_shared, d, b):
     return h if bias is None else h + f64(bias)
 
 
+def cera(x, W, bias, A_gate, A, B, s):
+    """h = W x + b + s · B (silu(A_g x) ⊙ (A x)): lorakit's reading of CeRA (arXiv:2602.22911)."""
+    x = f64(x)
+    gate = x @ f64(A_gate).T
+    h = x @ f64(W).T + s * ((gate / (1 + torch.exp(-gate))) * (x @ f64(A).T)) @ f64(B).T
+    return h if bias is None else h + f64(bias)
+
+
 def rank_r_svd(M, r):
     """The best rank-r approximation of M (Eckart–Young)."""
     U, S, Vh = torch.linalg.svd(f64(M), full_matrices=False)

@@ -35,18 +35,6 @@ def single(module: nn.Module, method: str, **config) -> tuple[lorakit.AdaptedMod
     return am, am.adapter_modules("default")["layer"]
 
 
-# The new weight W' (out, in) each method's output is W' x + bias with: its paper formula.
-NEW_WEIGHT = {
-    "lora": lambda W, m, s: ref.f64(W) + s * ref.f64(m.lora_B) @ ref.f64(m.lora_A),
-    "lora-fa": lambda W, m, s: ref.f64(W) + s * ref.f64(m.lora_B) @ ref.f64(m.lora_A),
-    "dora": lambda W, m, s: ref.dora_weight(W, m.lora_A, m.lora_B, s, m.lora_magnitude_vector),
-    "vera": lambda W, m, s: ref.f64(W)
-    + (ref.f64(m.vera_lambda_b)[:, None] * ref.f64(m.projections.vera_B)[:W.shape[0]])
-    @ (ref.f64(m.vera_lambda_d)[:, None] * ref.f64(m.projections.vera_A)[:, :W.shape[1]]),
-    "gpart": lambda W, m, s: ref.gpart_weight(W, m.gpart_theta, s, m.partitions.seed),
-}
-
-
 def reference_output(x, W, bias, method_name, m, s):
     """The formula for one method on linear-convention inputs."""
     if method_name == "vera":
@@ -55,8 +43,10 @@ def reference_output(x, W, bias, method_name, m, s):
         return ref.dora(x, W, bias, m.lora_A, m.lora_B, s, m.lora_magnitude_vector)
     if method_name == "gpart":
         return ref.gpart(x, W, bias, m.gpart_theta, s, m.partitions.seed)
-    if method_name in ("lora", "lora-fa"):
+    if method_name in ("lora", "lora-fa", "sds-lora"):  # SDS-LoRA changes LoRA's backward only
         return ref.lora(x, W, bias, m.lora_A, m.lora_B, s)
+    if method_name == "cera":
+        return ref.cera(x, W, bias, m.cera_gate_A, m.cera_A, m.cera_B, s)
     raise AssertionError(f"no reference formula for method {method_name!r}: write its paper formula in "
                          "tests/reference.py and here")
 
@@ -107,16 +97,17 @@ def test_embedding_matches_formula(method: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_conv2d_matches_formula(method: str) -> None:
-    """A convolution is linear in its weight: conv(x, W') with W' the method's weight (out, in·kh·kw)."""
+    """A convolution is a linear layer on its input's patches (W (out, in·kh·kw)): the method's
+    formula on the unfolded patches, folded back (a non-linear method has no new weight W')."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
     am, m = single(conv, method, r=2, alpha=4)
     s = expected_scaling(method, 4, 2)
     W = conv.weight.reshape(4, -1)
-    assert method in NEW_WEIGHT, f"no reference formula for method {method!r}"
-    W_new = NEW_WEIGHT[method](W, m, s)
     x = torch.randn(2, 3, 7, 7)
-    expected = F.conv2d(x.double(), W_new.reshape(conv.weight.shape), conv.bias.double(), stride=2, padding=1)
+    patches = F.unfold(x.double(), 3, padding=1, stride=2).transpose(1, 2)  # (n, 16 positions, in·kh·kw)
+    rows = reference_output(patches.reshape(-1, W.shape[1]), W, conv.bias, method, m, s)
+    expected = rows.reshape(2, 4, 4, 4).permute(0, 3, 1, 2)  # (n, out, 4, 4)
     assert_close(am(x).double(), expected, atol=1e-5, rtol=0)
 
 
