@@ -21,6 +21,7 @@ from torch import nn
 import lorakit
 from lorakit.errors import AdapterFileError
 from lorakit.methods import require_mergeable
+from lorakit.targets import CLASSIFIER_HEADS
 from lorakit.train.models import load_tokenizer, resolve_model_dir
 
 PROBE_TEXTS = (
@@ -28,7 +29,6 @@ PROBE_TEXTS = (
     "I would not recommend this to anyone; it made everything worse.",
     "A plain sentence to compare the two models on.",
 )
-CLASSIFIER_HEADS = ("classifier", "score")  # the classification heads `lorakit train` saves (modules_to_save)
 
 
 def merge_to_folder(model_spec: str, adapter_dir: str | Path, out: str | Path,

@@ -16,7 +16,10 @@ from lorakit.kinds import KINDS, is_adaptable, is_linear
 
 # Path components of output heads that "all-linear" leaves alone (they map to labels or the
 # vocabulary; adapting them is rarely wanted and PEFT leaves the LM head out too).
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out", "cls"})
+# Output heads: kept out of "all-linear" (PEFT does the same), since they map to the task's outputs.
+OUTPUT_HEADS = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out", "cls"})
+# The classification heads `lorakit train` trains in full and saves with the adapter (modules_to_save).
+CLASSIFIER_HEADS = ("classifier", "score")
 # Container names whose next path component is a layer index, tried when layers_pattern is None.
 COMMON_LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder_layers", "decoder_layers")
 
@@ -67,7 +70,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
-        if module is out_emb or any(part in HEAD_NAMES for part in name.split(".")):
+        if module is out_emb or any(part in OUTPUT_HEADS for part in name.split(".")):
             heads.add(name)
     return heads
 

@@ -53,12 +53,12 @@ from lorakit.serve.jobs import (
     ServeError,
 )
 from lorakit.serve.wording import in_http_words, quantised_base_note
+from lorakit.targets import CLASSIFIER_HEADS
 from lorakit.train.batches import chat_prompt_ids
 from lorakit.train.chat import saved_template
 
 log = logging.getLogger("lorakit.serve")
 
-HEADS = ("classifier", "score")  # classification heads lorakit trains as modules_to_save
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 NAME_RULE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 DEFAULT_CHAT_TEMPLATE = (
@@ -218,7 +218,8 @@ class Engine:
             return []
         heads, metadata = adapter_heads(folder)
         if not heads:
-            raise ServeError(400, f"adapter {folder.name!r} carries no classification head ({', '.join(HEADS)}); a "
+            heads_named = ", ".join(CLASSIFIER_HEADS)
+            raise ServeError(400, f"adapter {folder.name!r} carries no classification head ({heads_named}); a "
                              "classifier server needs one per adapter", "invalid_adapter")
         if heads[0] != self.num_labels:
             raise ServeError(400, f"adapter {folder.name!r} has a {heads[0]}-label head; this server's base was "
@@ -426,7 +427,7 @@ def adapter_heads(folder: Path) -> tuple[list[int], dict[str, Any]]:
             from exc
     metadata = header.metadata
     sizes = [entry.shape[0] for k, entry in header.entries.items()
-             if k.endswith(".weight") and entry.shape and any(part in HEADS for part in k.split(".")[2:-1])]
+             if k.endswith(".weight") and entry.shape and any(part in CLASSIFIER_HEADS for part in k.split(".")[2:-1])]
     try:
         lorakit_meta = json.loads(metadata.get("lorakit", "{}"))
     except json.JSONDecodeError:

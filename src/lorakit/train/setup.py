@@ -14,13 +14,12 @@ from torch import nn
 
 import lorakit
 from lorakit.methods import METHODS
+from lorakit.targets import CLASSIFIER_HEADS
 from lorakit.train import batches as B
 from lorakit.train.chat import read_template
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import ClassifyData, DataError, classification_data, held_out_split, lm_examples, read_rows
 from lorakit.train.models import load_model, load_tokenizer
-
-HEAD_NAMES = ("classifier", "score")
 
 
 @dataclass
@@ -62,7 +61,7 @@ def prepare(config: TrainConfig) -> Prepared:
 
 def adapter_config(config: TrainConfig, model: nn.Module) -> lorakit.AdapterConfig:
     method = "lora" if config.method == "delta-lora" else config.method
-    heads = [name for name in HEAD_NAMES if _has_module(model, name)] if config.task == "classify" else []
+    heads = [name for name in CLASSIFIER_HEADS if _has_module(model, name)] if config.task == "classify" else []
     targets = config.target_modules()
     if config.targets == TrainConfig.targets:  # the default lists several architectures' names: keep this one's
         targets = tuple(t for t in targets if _has_module(model, t)) or targets
@@ -89,7 +88,7 @@ def _baseline_trainable(model: nn.Module, config: TrainConfig) -> None:
     if config.task != "classify":
         raise lorakit.ConfigError("--method head trains a classification head; it needs --task classify")
     for name, p in model.named_parameters():
-        p.requires_grad_(any(part in HEAD_NAMES for part in name.split(".")))
+        p.requires_grad_(any(part in CLASSIFIER_HEADS for part in name.split(".")))
 
 
 def _data(config: TrainConfig, tokenizer, fit: dict[str, B.Fit]
