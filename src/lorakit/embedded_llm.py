@@ -84,9 +84,15 @@ def model_dir() -> Path:
 
 
 def _stamp(source: Path) -> str:
-    """Part of the cache folder's name: a reinstalled or updated package gets a fresh conversion."""
-    stat = source.stat()
-    return f"{stat.st_size:x}-{int(stat.st_mtime):x}"
+    """Part of the cache folder's name: the package's version and the file's size, so another
+    version converts again while every install of the same one (each clone's venv) shares it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version(DIST.split("==")[0])
+    except PackageNotFoundError:
+        release = "unknown"
+    return f"{release}-{source.stat().st_size:x}"
 
 
 def convert(source: Path, folder: Path) -> None:
