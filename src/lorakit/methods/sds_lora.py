@@ -133,11 +133,15 @@ def _linear_grads(kind, g, x, A, B, offset_A, offset_B, s, basis_A, basis_B, nee
     g2 = g.reshape(-1, g.shape[-1])  # (tokens, out)
     x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (tokens, in)
     grad_x = grad_A = grad_B = None
-    if need_x:
-        A_full, B_full = _full_factors(A, B, offset_A, offset_B, s)
-        grad_x = ((g2 @ B_full.to(dt)) @ A_full.to(dt)).view(x.shape).to(x.dtype)
-    if basis_B is not None:
-        grad_A = ((g2 @ basis_B.to(dt)).mul_(s).t() @ x2).to(A.dtype)  # Q_Bᵀ G (r, in)
+    A_full, B_full = _full_factors(A, B, offset_A, offset_B, s)
+    # g B (for the input) and g Q_B (for A) in one pass over g: these r-wide GEMMs are bound by reading g
+    ups = ([B_full] if need_x else []) + ([basis_B.to(B_full.dtype) * s] if basis_B is not None else [])
+    if ups:
+        g_up = g2 @ torch.cat(ups, dim=1).to(dt)  # (tokens, r' + r)
+        if need_x:
+            grad_x = (g_up[:, :A_full.shape[0]] @ A_full.to(dt)).view(x.shape).to(x.dtype)
+        if basis_B is not None:
+            grad_A = (g_up[:, g_up.shape[1] - A.shape[0]:].t() @ x2).to(A.dtype)  # Q_Bᵀ G (r, in)
     if basis_A is not None:
         grad_B = (g2.t() @ (x2 @ basis_A.to(dt))).mul_(s).to(B.dtype)  # G Q_A (out, r)
     return grad_x, grad_A, grad_B
