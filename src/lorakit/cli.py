@@ -217,6 +217,18 @@ def _generate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from lorakit.sweep.command import run
+
+    return run(args)
+
+
+def _sweep_parser(parser: argparse.ArgumentParser) -> None:
+    from lorakit.sweep.command import add_arguments
+
+    add_arguments(parser)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train an adapter from a YAML file and/or flags", _train_parser, _train),
     "merge": ("merge an adapter into its base and write a plain Hugging Face model folder", _merge_parser, _merge),
@@ -224,6 +236,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "combine": ("combine adapters (linear, svd, ties, dare) into one new adapter", _combine_parser, _combine),
     "generate": ("try an adapter on one prompt: the answer streams to stdout", _generate_parser, _generate),
     "eval": ("what an adapter learned, broke and forgot: a regression report against its base", _eval_parser, _eval),
+    "sweep": ("search train settings with Optuna: trials, a leaderboard, the best config", _sweep_parser, _sweep),
 }
 
 
