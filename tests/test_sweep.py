@@ -129,6 +129,8 @@ def test_sweep_writes_a_leaderboard_and_best_yaml_reproduces_the_best_trial(tmp_
     assert {"rank", "lr", "targets", "accuracy", "trainable_params", "adapter_bytes", "seconds", "state"} <= set(
         table[0])
     assert all(row["state"] == "complete" and Path(row["folder"], "summary.json").is_file() for row in table)
+    assert "saved: the evaluation of step 6" in Path(table[0]["folder"], "train.log").read_text()
+    assert "saved:" not in printed  # the runs' own lines went to their train.log
     best = max(table, key=lambda r: (float(r["accuracy"]), -int(r["trainable_params"]), -int(r["number"])))
     assert (out / "leaderboard.md").read_text().count("\n| ") == 5 and (out / "pareto.png").stat().st_size > 0
     assert f"best: trial {best['number']} " in printed and str(out / "best.yaml") in printed
@@ -154,6 +156,19 @@ def test_grid_sampler_tries_each_point_once(tmp_path, task, capsys):
     assert points == [("2", "query"), ("2", "value"), ("4", "query"), ("4", "value")]
 
 
+def test_a_trial_that_errors_is_recorded_and_the_sweep_goes_on(tmp_path, task, capsys):
+    config = write_sweep(tmp_path, {**task, "max_steps": 2, "eval_every": 2},
+                         {"targets": ["no_such_module", "query"]}, sampler="grid")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(config), "--out", str(out), "--threads", "1"]) == 0
+    rows = {row["targets"]: row for row in leaderboard(out)}
+    assert rows["query"]["state"] == "complete" and rows["no_such_module"]["state"] == "failed"
+    assert "no_such_module" in rows["no_such_module"]["note"]
+    printed = capsys.readouterr().out
+    assert "sweep: 1 completed, 0 pruned, 1 failed of 2 trials" in printed
+    assert yaml.safe_load((out / "best.yaml").read_text())["targets"] == "query"
+
+
 def test_pruned_trials_stop_training_at_the_evaluation_that_pruned_them(tmp_path, task, capsys):
     config = write_sweep(tmp_path, task, {"rank": [2, 4]}, trials=2, pruner={"type": "threshold", "lower": 1.01})
     out = tmp_path / "sweep"
@@ -164,6 +179,11 @@ def test_pruned_trials_stop_training_at_the_evaluation_that_pruned_them(tmp_path
     steps = [json.loads(line)["step"] for line in Path(table[0]["folder"], "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 3  # of 6: training ended at the first evaluation
     assert "no trial completed" in capsys.readouterr().out and not (out / "best.yaml").exists()
+    # the last evaluation ends the training anyway: a trial is never pruned there, its result is kept
+    config = write_sweep(tmp_path, {**task, "eval_every": 6}, {"rank": [2, 4]}, trials=1,
+                         pruner={"type": "threshold", "lower": 1.01})
+    assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "last"), "--threads", "1"]) == 0
+    assert [row["state"] for row in leaderboard(tmp_path / "last")] == ["complete"]
 
 
 def test_multi_objective_sweep_reports_its_pareto_front_and_mixes_data(tmp_path, task, capsys):
@@ -281,6 +301,7 @@ def test_ctrl_c_mid_trial_queues_it_again_and_the_rerun_finishes_the_sweep(tmp_p
     assert "rerun the same command to resume" in capsys.readouterr().err
     states = {t.number: (t.state.name, t.user_attrs.get("retry_of")) for t in study_of(out).trials}
     assert states == {0: ("COMPLETE", None), 1: ("FAIL", None), 2: ("WAITING", 1)}
+    assert [row["state"] for row in leaderboard(out)] == ["complete", "failed", "waiting"]
 
     assert main(["sweep", "--config", str(config), "--out", str(out), "--threads", "1"]) == 0
     trials = study_of(out).trials

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import time
 from pathlib import Path
@@ -69,9 +70,15 @@ def run(args: argparse.Namespace) -> int:
     say = functools.partial(print, flush=True)
     try:
         if not args.worker and workers > 1:
-            processes.run_workers(workers, target, study.study_name, out, threads)
+            codes = processes.run_workers(workers, target, study.study_name, out, threads)
+            for code in codes:
+                if code:
+                    print(f"lorakit sweep: a worker exited with code {code} (its output above says why); "
+                          "this process runs what is left", flush=True)
         work(study, spec, out, threads, say)  # alone, or after the workers: whatever is left or was queued again
     except KeyboardInterrupt:
+        with contextlib.suppress(Exception):  # the leaderboard shows the interrupted trial and its queued re-run
+            outputs.write_tables(study, spec, out)
         raise InterruptedTrainingError("stopped; rerun the same command to resume: finished trials are kept and "
                                        "the interrupted ones run again") from None
     if args.worker:

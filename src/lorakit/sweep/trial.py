@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +50,10 @@ def objective_values(spec: SweepSpec, summary: dict[str, Any]) -> list[float]:
              "forgetting": forgetting(summary)}
     if "forgetting" in spec.objectives and found["forgetting"] is None:
         raise ValueError("the run measured no forgetting (general_samples 0?)")
-    return [float(found[name]) for name in spec.objectives]
+    values = [float(found[name]) for name in spec.objectives]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"the run's {', '.join(spec.objectives)} are not all finite numbers: {values}")
+    return values
 
 
 def forgetting(summary: dict[str, Any]) -> float | None:
@@ -86,6 +93,9 @@ def run_trial(study, trial, spec: SweepSpec, out: Path, threads: int) -> Outcome
     except Exception as exc:  # a trial's error is recorded and the sweep goes on
         message = str(exc) if isinstance(exc, LorakitError) else f"{type(exc).__name__}: {exc}"
         trial.set_user_attr("error", message[:2000])
+        if folder.is_dir():  # the whole story next to the run's own output
+            with (folder / LOG_FILE).open("a", encoding="utf-8") as log:
+                log.write(traceback.format_exc())
         trial.set_user_attr("result", {"seconds": round(time.perf_counter() - started, 2)})
         outcome = Outcome("failed", error=message)
     state = {"complete": module.trial.TrialState.COMPLETE, "pruned": module.trial.TrialState.PRUNED,
@@ -101,12 +111,35 @@ def _train(config: TrainConfig, reporter, folder: Path) -> dict[str, Any]:
     from lorakit.train.loop import train
 
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / LOG_FILE).open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+    with captured(folder / LOG_FILE):
         return train(config, on_evaluation=reporter)
 
 
+@contextlib.contextmanager
+def captured(path: Path) -> Iterator[None]:
+    """Everything the process writes to stdout and stderr goes to ``path`` meanwhile: the run's
+    printed lines, and the model loader's and libraries' output, whose handlers hold the original
+    streams (hence the file descriptors are redirected too, not only sys.stdout)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with path.open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        with contextlib.suppress(ValueError):  # a stream closed meanwhile
+            sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def _pruning_reporter(trial, spec: SweepSpec, module):
-    """Each evaluation's metric reported at its step; a weak trial is stopped (single objective)."""
+    """Each evaluation's metric reported at its step; a weak trial is stopped (single objective),
+    but never at the run's last evaluation: the training is done, its result worth keeping."""
     if len(spec.objectives) > 1:
         return None
 
@@ -115,7 +148,7 @@ def _pruning_reporter(trial, spec: SweepSpec, module):
         if not math.isfinite(value):
             return
         trial.report(value, record["step"])
-        if trial.should_prune():
+        if record["step"] < record["total_steps"] and trial.should_prune():
             raise module.TrialPruned(f"pruned at step {record['step']} ({spec.metric_name} {value:.4g})")
 
     return report

@@ -264,7 +264,7 @@ class Trainer:
         general = self.general.evaluate(self.model, self.state)  # forgetting on general text, now
         self.outputs.metric({"step": step, self.metric_name: value, **general})
         if self.on_evaluation is not None:
-            self.on_evaluation({"step": step, self.metric_name: value, **general})
+            self.on_evaluation({"step": step, self.metric_name: value, **general, "total_steps": self.total_steps})
         top = self.state.get("top", self.state["best"])  # checkpoints from before --select have no "top"
         better = top is None or (value > top if self.metric_name == "accuracy" else value < top)
         self.state["top"] = value if better else top
@@ -433,7 +433,8 @@ def _replace_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def train(config: TrainConfig, on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one training job end to end and return its summary. ``on_evaluation``, when given, is
-    called with each evaluation's metrics.jsonl record (a sweep prunes weak trials from it)."""
+    called with each evaluation's metrics.jsonl record and the run's ``total_steps`` (a sweep
+    prunes weak trials from it)."""
     if config.threads:
         # On a shared CPU, fewer threads than cores avoids each op waiting for a descheduled thread.
         torch.set_num_threads(config.threads)
