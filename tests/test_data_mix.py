@@ -87,6 +87,11 @@ def test_train_reports_per_source_counts(tmp_path, sources):
         {"path": str(b), "weight": 0.75, "rows": 54, "drawn": 67, "held_out": 6},
     ]
     assert summary["data"]["train"]["examples"] == 90 and summary["data"]["eval"]["examples"] == 10
+    # `lorakit eval` evaluates the run on the same held-out rows by default
+    assert main(["eval", "--adapter", str(out), "--out", str(tmp_path / "eval"), "--general", "none",
+                 "--bootstrap", "10", "--quiet", "--threads", "1"]) == 0
+    task = json.loads((tmp_path / "eval" / "report.json").read_text())["task"]
+    assert task["examples"] == 10 and "held-out splits" in task["source"]
 
 
 def test_a_plain_file_name_is_not_a_mix():
