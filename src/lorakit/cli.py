@@ -223,8 +223,20 @@ def _rank(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from lorakit.sweep.command import run
+
+    return run(args)
+
+
 def _rank_parser(parser: argparse.ArgumentParser) -> None:
     from lorakit.rank.command import add_arguments
+
+    add_arguments(parser)
+
+
+def _sweep_parser(parser: argparse.ArgumentParser) -> None:
+    from lorakit.sweep.command import add_arguments
 
     add_arguments(parser)
 
@@ -238,6 +250,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "eval": ("what an adapter learned, broke and forgot: a regression report against its base", _eval_parser, _eval),
     "rank": ("choose LoRA ranks from measurements: gradient spectra before training, ΔW spectra and "
              "shrinking after", _rank_parser, _rank),
+    "sweep": ("search train settings with Optuna: trials, a leaderboard, the best config", _sweep_parser, _sweep),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from lorakit.errors import ConfigError
 from lorakit.io.adapter_files import CONFIG_NAME, AdapterFile, adapter_folder, read_adapter
 from lorakit.train import batches as B
-from lorakit.train.data import DataError, classification_data, held_out_split, lm_examples, read_rows
+from lorakit.train.data import DataError, classification_data, held_out_rows, lm_examples, read_rows
 from lorakit.train.models import loads_offline
 
 DEFAULT_DATA = "default"  # the shipped drug reviews' test split
@@ -160,10 +160,7 @@ def load_eval_set(spec: str, reading: Reading) -> EvalSet:
 def _rows(spec: str, reading: Reading) -> tuple[list[dict[str, Any]], str]:
     """Rows of a file, or of a run's held-out split (``FILE#heldout``, as the run drew it)."""
     if spec.endswith("#heldout"):
-        path = spec[: -len("#heldout")]
-        rows = read_rows(path)
-        _, held = held_out_split(rows, reading.seed, reading.eval_split, path)
-        return held, f"{path} (the run's held-out split)"
+        return held_out_rows(spec[: -len("#heldout")], reading.seed, reading.eval_split)
     return read_rows(spec), spec
 
 

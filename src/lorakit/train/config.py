@@ -33,7 +33,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 class TrainConfig:
     # model and data
     model: str = "default"  # a local HF model folder, "default" (the shipped MiniLM), or "random:llama,hidden=64,..."
-    data: str = "default"  # CSV/TSV/JSONL; "default" = the shipped drug-review training set
+    data: str = "default"  # CSV/TSV/JSONL, a mix a.jsonl:0.7,b.jsonl:0.3, or "default" (the drug reviews)
     eval_data: str | None = None  # held-out file; None: the default test set, or a split of --data
     task: str = "classify"  # classify | causal-lm
     text_column: str | None = None  # classify: guessed from text/sentence/review/... when unset

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import random
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +137,127 @@ def held_out_split(rows: list[dict[str, Any]], seed: int, share: float, source: 
         raise DataError(f"{source}: too few examples ({len(rows)}) to hold out an evaluation split")
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# ---------------------------------------------------------------------------------------------
+# data mixes: --data a.jsonl:0.7,b.jsonl:0.3
+# ---------------------------------------------------------------------------------------------
+MIX_NAME = "mix"  # how messages name a mix's rows: "mix:b.jsonl:3" is line 3 of b.jsonl
+_WEIGHTED = re.compile(r"^(?P<path>.+):(?P<weight>[^:/\\]+)$")
+
+
+@dataclass(frozen=True)
+class MixSource:
+    path: str
+    weight: float  # this source's share of the mix (the weights of a mix sum to 1)
+
+
+def parse_mix(spec: str) -> list[MixSource] | None:
+    """The sources of ``--data a.jsonl:0.7,b.jsonl:0.3`` with their weights normalised to sum to 1,
+    or None when ``spec`` names one file. Every problem (a source without a weight, a weight that
+    is not a positive number, a missing file) is reported here, before any work."""
+    parts = [part.strip() for part in spec.split(",")]
+    matched = [_WEIGHTED.match(part) for part in parts]
+    if not any(m and _looks_numeric(m["weight"]) for m in matched):
+        return None  # a plain file name (which may hold a comma or a colon)
+    unweighted = [part for part, m in zip(parts, matched, strict=True) if not m]
+    if unweighted:
+        raise DataError(f"--data {spec}: every source of a mix needs a weight (path:weight), "
+                        f"{', '.join(repr(p) for p in unweighted)} has none")
+    sources = []
+    for m in matched:
+        path, text = m["path"].strip(), m["weight"].strip()
+        try:
+            weight = float(text)
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise DataError(f"--data {spec}: the weight of {path} must be a positive number, got {text!r}")
+        sources.append((path, weight))
+    paths = [path for path, _ in sources]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise DataError(f"--data {spec}: {', '.join(twice)} appears more than once; give each source once, "
+                        "with its whole weight")
+    if "default" in paths:
+        raise DataError(f"--data {spec}: the shipped 'default' data cannot be part of a mix; mix files")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"--data {spec}: {', '.join(missing)} does not exist" if len(missing) == 1 else
+                        f"--data {spec}: {', '.join(missing)} do not exist")
+    total = sum(weight for _, weight in sources)
+    return [MixSource(path, weight / total) for path, weight in sources]
+
+
+def _looks_numeric(text: str) -> bool:
+    return bool(re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*|\s*[-+]?(nan|inf)\s*", text, re.I))
+
+
+@dataclass
+class MixedRows:
+    """A mix's training rows and, unless the run has --eval-data, its held-out rows."""
+
+    train: list[dict[str, Any]]
+    held_out: list[dict[str, Any]]
+    sources: list[dict[str, Any]] = field(default_factory=list)  # summary.json → data → sources
+
+
+def mix_rows(sources: list[MixSource], seed: int, eval_split: float | None) -> MixedRows:
+    """Draw a mix's training rows, reproducibly for ``seed``.
+
+    Each source is first split as a single file would be (``eval_split`` of it held out, by
+    :func:`held_out_split`) unless ``eval_split`` is None (the run has --eval-data). The mix then
+    has as many rows as the sources' training rows together; each source gives its weight's share
+    of them (rounded so the counts add up), drawn without replacement, in shuffled whole passes
+    when its share is larger than the source: no row repeats before every row of its source is used.
+    The held-out rows of every source are kept as they are, unweighted."""
+    read = []
+    for source in sources:
+        rows = [{**row, "_line": f"{source.path}:{row['_line']}"} for row in read_rows(source.path)]
+        if eval_split is None:
+            read.append((rows, []))
+        else:
+            read.append(held_out_split(rows, seed, eval_split, source.path))
+    total = sum(len(train) for train, _ in read)
+    counts = _shares(total, [s.weight for s in sources])
+    rng = random.Random(f"lorakit data mix {seed}")
+    train: list[dict[str, Any]] = []
+    report = []
+    for source, (rows, held), count in zip(sources, read, counts, strict=True):
+        train += _draw(rows, count, rng)
+        report.append({"path": source.path, "weight": round(source.weight, 6), "rows": len(rows),
+                       "drawn": count, "held_out": len(held)})
+    rng.shuffle(train)
+    return MixedRows(train, [row for _, held in read for row in held], report)
+
+
+def _shares(total: int, weights: list[float]) -> list[int]:
+    """``total`` split by ``weights`` into whole counts that add up to it (largest remainders first)."""
+    exact = [total * w for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _draw(rows: list[dict[str, Any]], count: int, rng: random.Random) -> list[dict[str, Any]]:
+    drawn: list[dict[str, Any]] = []
+    while len(drawn) < count:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        drawn += [rows[i] for i in order[: count - len(drawn)]]
+    return drawn
+
+
+def held_out_rows(spec: str, seed: int, share: float) -> tuple[list[dict[str, Any]], str]:
+    """The rows a run held out of its --data (a file or a mix) when it had no --eval-data, as it
+    drew them, and their name for messages: what `lorakit eval` evaluates a run on by default."""
+    mix = parse_mix(spec)
+    if mix is None:
+        _, held = held_out_split(read_rows(spec), seed, share, spec)
+        return held, f"{spec} (the run's held-out split)"
+    return mix_rows(mix, seed, share).held_out, f"{MIX_NAME} (the run's held-out splits of {spec})"
 
 
 def lm_shape(columns: Sequence[str]) -> str | None:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> f
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig,
+                 on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
+        self.on_evaluation = on_evaluation  # sees each evaluation's metrics record; may raise to end the run
         self.dist = Distributed.from_env()
         torch.manual_seed(config.seed)
         self.prepared: Prepared = prepare(config)  # every input check happens here, before any write
@@ -261,6 +264,8 @@ class Trainer:
         step = self.state["step"]
         general = self.general.evaluate(self.model, self.state)  # forgetting on general text, now
         self.outputs.metric({"step": step, self.metric_name: value, **general})
+        if self.on_evaluation is not None:
+            self.on_evaluation({"step": step, self.metric_name: value, **general, "total_steps": self.total_steps})
         top = self.state.get("top", self.state["best"])  # checkpoints from before --select have no "top"
         better = top is None or (value > top if self.metric_name == "accuracy" else value < top)
         self.state["top"] = value if better else top
@@ -361,6 +366,8 @@ class Trainer:
             "general": self.general.summary(self.state),
         }
         summary["data"] = {part: fit.as_dict() for part, fit in self.prepared.fit.items()}
+        if self.prepared.sources:
+            summary["data"]["sources"] = self.prepared.sources
         summary["max_length"] = self.prepared.length.as_dict()
         summary["warnings"] = self._symptoms(summary)
         if self.dist.is_main:
@@ -425,12 +432,14 @@ def _replace_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(model.get_submodule(owner), leaf, value)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run one training job end to end and return its summary."""
+def train(config: TrainConfig, on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one training job end to end and return its summary. ``on_evaluation``, when given, is
+    called with each evaluation's metrics.jsonl record and the run's ``total_steps`` (a sweep
+    prunes weak trials from it)."""
     if config.threads:
         # On a shared CPU, fewer threads than cores avoids each op waiting for a descheduled thread.
         torch.set_num_threads(config.threads)
-    trainer = Trainer(config)
+    trainer = Trainer(config, on_evaluation)
     try:
         return trainer.run()
     except KeyboardInterrupt:

@@ -186,6 +186,8 @@ def fit_line(data: dict[str, dict[str, int]], max_length: int | None) -> str | N
     """One line saying which examples were cut or dropped at --max-length (None when none were)."""
     parts = []
     for part, counted in data.items():
+        if part == "sources":  # a data mix's per-source counts, not a fit
+            continue
         if counted.get("dropped"):
             parts.append(f"{counted['dropped']} of {counted['examples']} {part} examples dropped (prompt fills it)")
         if counted.get("truncated"):

@@ -18,7 +18,17 @@ from lorakit.targets import CLASSIFIER_HEADS
 from lorakit.train import batches as B
 from lorakit.train.chat import read_template
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import ClassifyData, DataError, classification_data, held_out_split, lm_examples, read_rows
+from lorakit.train.data import (
+    MIX_NAME,
+    ClassifyData,
+    DataError,
+    classification_data,
+    held_out_split,
+    lm_examples,
+    mix_rows,
+    parse_mix,
+    read_rows,
+)
 from lorakit.train.models import load_model, load_tokenizer
 
 
@@ -33,12 +43,14 @@ class Prepared:
     pad_id: int
     fit: dict[str, B.Fit]  # how the training and evaluation examples fit --max-length
     length: B.LengthChoice  # the --max-length used, given or chosen from the data
+    sources: list[dict[str, Any]] | None = None  # a data mix: how many rows each source gave (summary.json)
 
 
 def prepare(config: TrainConfig) -> Prepared:
     tokenizer = load_tokenizer(config.model)
     fit = {"train": B.Fit(), "eval": B.Fit()}
-    train, evaluation, label_names, length = _data(config, tokenizer, fit)
+    sources: list[dict[str, Any]] = []
+    train, evaluation, label_names, length = _data(config, tokenizer, fit, sources)
     model = load_model(config.model, config.task, num_labels=len(label_names or []) or None, seed=config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if getattr(model.config, "pad_token_id", None) is None:
@@ -56,7 +68,7 @@ def prepare(config: TrainConfig) -> Prepared:
         loss_fn = _gradient_loss(config, train, pad_id) if config.init == "gradient-svd" else None
         adapted = lorakit.adapt(model, adapter_config(config, model), gradient_loss=loss_fn)
         model = adapted
-    return Prepared(train, evaluation, label_names, tokenizer, model, adapted, pad_id, fit, length)
+    return Prepared(train, evaluation, label_names, tokenizer, model, adapted, pad_id, fit, length, sources or None)
 
 
 def adapter_config(config: TrainConfig, model: nn.Module) -> lorakit.AdapterConfig:
@@ -91,12 +103,13 @@ def _baseline_trainable(model: nn.Module, config: TrainConfig) -> None:
         p.requires_grad_(any(part in CLASSIFIER_HEADS for part in name.split(".")))
 
 
-def _data(config: TrainConfig, tokenizer, fit: dict[str, B.Fit]
+def _data(config: TrainConfig, tokenizer, fit: dict[str, B.Fit], sources: list[dict[str, Any]]
           ) -> tuple[list[B.Encoded], list[B.Encoded], list[str] | None, B.LengthChoice]:
     """Encoded training and evaluation examples, cut at --max-length (or a length chosen from the
-    training examples when it is not given), and what was cut or dropped."""
+    training examples when it is not given), and what was cut or dropped; a data mix's per-source
+    counts are appended to ``sources``."""
     if config.task == "classify":
-        train_data, eval_data = _classification(config)
+        train_data, eval_data = _classification(config, sources)
         train_full = B.encode_classification_uncut(train_data, tokenizer)
         eval_full = B.encode_classification_uncut(eval_data, tokenizer)
         length = B.choose_length([len(e.input_ids) for e in train_full], config.max_length, tokenizer)
@@ -107,15 +120,12 @@ def _data(config: TrainConfig, tokenizer, fit: dict[str, B.Fit]
         raise DataError("the embedded default data is a classification set; give --data for --task causal-lm")
     if config.chat_template:
         tokenizer.chat_template = read_template(config.chat_template)
-    train_rows = read_rows(config.data)
-    eval_rows = read_rows(config.eval_data) if config.eval_data else None
-    if eval_rows is None:
-        train_rows, eval_rows = _split(train_rows, config)
-    source = config.eval_data or config.data
-    train_full = B.encode_lm_uncut(lm_examples(train_rows, config.data, tokenizer, config.chat_turns), tokenizer)
+    train_rows, eval_rows, name = _rows(config, sources)
+    source = config.eval_data or name
+    train_full = B.encode_lm_uncut(lm_examples(train_rows, name, tokenizer, config.chat_turns), tokenizer)
     eval_full = B.encode_lm_uncut(lm_examples(eval_rows, source, tokenizer, config.chat_turns), tokenizer)
     length = B.choose_length([len(e.input_ids) for e in train_full], config.max_length, tokenizer)
-    train = B.fit_lm(train_full, length.tokens, config.data, fit["train"])
+    train = B.fit_lm(train_full, length.tokens, name, fit["train"])
     evaluation = B.fit_lm(eval_full, length.tokens, source, fit["eval"])
     for part, counted in fit.items():
         if counted.dropped > config.max_drop * counted.examples:
@@ -128,7 +138,7 @@ def _data(config: TrainConfig, tokenizer, fit: dict[str, B.Fit]
     return train, evaluation, None, length
 
 
-def _classification(config: TrainConfig) -> tuple[ClassifyData, ClassifyData]:
+def _classification(config: TrainConfig, sources: list[dict[str, Any]]) -> tuple[ClassifyData, ClassifyData]:
     if config.data == "default":
         from lorakit.embedded import load_drug_reviews
 
@@ -139,13 +149,26 @@ def _classification(config: TrainConfig) -> tuple[ClassifyData, ClassifyData]:
             return train, ClassifyData([e.text for e in test_ex], [e.label for e in test_ex], names)
         rows = read_rows(config.eval_data)
         return train, classification_data(rows, config.eval_data, config.text_column, config.label_column, names)
-    rows = read_rows(config.data)
-    eval_rows = read_rows(config.eval_data) if config.eval_data else None
-    if eval_rows is None:
-        rows, eval_rows = _split(rows, config)
-    train = classification_data(rows, config.data, config.text_column, config.label_column)
-    source = config.eval_data or f"{config.data} (held-out split)"
+    rows, eval_rows, name = _rows(config, sources)
+    train = classification_data(rows, name, config.text_column, config.label_column)
+    source = config.eval_data or f"{name} (held-out split)"
     return train, classification_data(eval_rows, source, config.text_column, config.label_column, train.label_names)
+
+
+def _rows(config: TrainConfig, sources: list[dict[str, Any]]) -> tuple[list[dict], list[dict], str]:
+    """(training rows, evaluation rows, the training data's name in messages). A data mix
+    (``a.jsonl:0.7,b.jsonl:0.3``) is checked whole before any file is read, then drawn
+    (:func:`lorakit.train.data.mix_rows`) and its per-source counts appended to ``sources``."""
+    mix = parse_mix(config.data)
+    eval_rows = read_rows(config.eval_data) if config.eval_data else None
+    if mix is None:
+        rows = read_rows(config.data)
+        if eval_rows is None:
+            rows, eval_rows = _split(rows, config)
+        return rows, eval_rows, config.data
+    mixed = mix_rows(mix, config.seed, None if eval_rows is not None else config.eval_split)
+    sources.extend(mixed.sources)
+    return mixed.train, mixed.held_out if eval_rows is None else eval_rows, MIX_NAME
 
 
 def _split(rows: list[dict], config: TrainConfig) -> tuple[list[dict], list[dict]]:
