@@ -389,3 +389,26 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def launch_server(command: list[str], port: int, seconds: float = 180.0):
+    """Start ``lorakit serve`` as a subprocess (this checkout's lorakit first on the path) and wait
+    until its /health answers; exit with the reason when it dies or does not come up."""
+    import subprocess
+    from pathlib import Path
+
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    server = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.terminate()
+    raise SystemExit(f"the server did not start within {seconds:.0f} s")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import statistics
 import subprocess
@@ -69,19 +68,7 @@ def start_server(args: argparse.Namespace, root: Path, port: int) -> subprocess.
                "--port", str(port), "--threads", str(args.threads), "--seed", str(args.seed),
                "--max-batch-size", str(args.max_batch_size), "--batch-window-ms", str(args.window_ms),
                "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    server = subprocess.Popen(command, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.terminate()
-    raise SystemExit("the server did not start within 120 s")
+    return c.launch_server(command, port, 120)
 
 
 async def load(url: str, names: list[str], args: argparse.Namespace,

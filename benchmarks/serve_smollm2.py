@@ -102,19 +102,7 @@ def start_server(args: argparse.Namespace, root: Path, port: int) -> subprocess.
     command = [sys.executable, "-m", "lorakit", "serve", "--model", "smollm2", "--adapters", str(root),
                "--port", str(port), "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
                "--batch-window-ms", str(args.window_ms), "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    server = subprocess.Popen(command, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    server.terminate()
-    raise SystemExit("the server did not start within 180 s")
+    return c.launch_server(command, port, 180)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from model_zoo import ToyNet, tiny_llama, toy_inputs
 from safetensors.torch import load_file
+from test_protocol import alone
 from test_train import LLAMA, write_jsonl
 from torch import nn
 from torch.testing import assert_close
@@ -299,12 +300,6 @@ def test_combining_it_is_refused_before_anything_is_built():
 
 
 # -- mixed batches ------------------------------------------------------------------------------
-def alone(am: lorakit.AdaptedModel, name: str, row: torch.Tensor) -> torch.Tensor:
-    if name == "base":
-        with am.base_only():
-            return am(input_ids=row).logits
-    am.set_active(name)
-    return am(input_ids=row).logits
 
 
 @pytest.mark.parametrize("length", [6, 1])  # a prefill, and a decoding step
