@@ -1,6 +1,6 @@
 # Two commands set everything up from a fresh clone:
 #   make demo   the whole story on a real LLM (SmolLM2-135M-Instruct): two adapters trained, evaluated,
-#               combined, merged and served side by side (about 7 minutes on 2 cores)
+#               combined, merged and served side by side (about 5 minutes on 2 idle cores, set-up apart)
 #   make test   runs the test suite
 # make demo-small is the 2-minute MiniLM run (drug-review sentiment): train, eval, merge.
 PYTHON ?= python3
