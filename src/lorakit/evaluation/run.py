@@ -80,7 +80,7 @@ class Context:
     passes: int = 0  # forward passes over examples, for the cost line
     untrained_head: bool = False  # the base has no trained classification head: the adapter brings it
     chat_template: str | None = None  # whose template chats are read with (causal LMs)
-    valid_json_cache: dict[Any, torch.Tensor] = field(default_factory=dict)  # the base's, per task file
+    base_valid_json: dict[str, torch.Tensor] = field(default_factory=dict)  # per task file, shared by candidates
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
@@ -242,21 +242,20 @@ def _valid_json(ctx: Context, name: str, data: EvalSet, paired: Paired) -> dict[
     """The share of greedy answers that parse as JSON, base and adapted, with paired intervals.
     An exact match's answer is the reference, so only the others are generated; the base's
     answers are the same for every candidate and generated once."""
-    valid = {}
-    for who, adapter, outcomes in (("base", None, paired.base), ("adapted", name, paired.adapted)):
-        key = (who, data.source) if who == "base" else None
-        if key in ctx.valid_json_cache:
-            valid[who] = ctx.valid_json_cache[key]
-            continue
-        wrong = [i for i in range(len(data)) if not outcomes.correct[i]]
-        texts = dict(zip(wrong, greedy_answers(ctx.model, adapter, data, wrong, ctx.tokenizer, device=ctx.device),
-                         strict=True))
-        valid[who] = torch.tensor([1.0 if i not in texts or valid_json(texts[i]) else 0.0 for i in range(len(data))])
-        if key is not None:
-            ctx.valid_json_cache[key] = valid[who]
-        ctx.passes += len(wrong)
+    if data.source not in ctx.base_valid_json:
+        ctx.base_valid_json[data.source] = _valid_answers(ctx, None, data, paired.base)
+    valid = {"base": ctx.base_valid_json[data.source], "adapted": _valid_answers(ctx, name, data, paired.adapted)}
     return S.paired(S.mean_of(valid["base"]), S.mean_of(valid["adapted"]), len(data), ctx.options.bootstrap,
                     ctx.options.seed)
+
+
+def _valid_answers(ctx: Context, adapter: str | None, data: EvalSet, outcomes) -> torch.Tensor:
+    """1.0 per example whose greedy answer parses as JSON (an exact match is the reference itself)."""
+    wrong = [i for i in range(len(data)) if not outcomes.correct[i]]
+    texts = dict(zip(wrong, greedy_answers(ctx.model, adapter, data, wrong, ctx.tokenizer, device=ctx.device),
+                     strict=True))
+    ctx.passes += len(wrong)
+    return torch.tensor([1.0 if i not in texts or valid_json(texts[i]) else 0.0 for i in range(len(data))])
 
 
 def _listed_answers(ctx: Context, name: str, data: EvalSet, paired: Paired) -> dict[str, dict[int, str]]:
