@@ -4,12 +4,15 @@ matches one process with the same global batch."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import BERT, write_classification
@@ -67,22 +70,89 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     assert metrics == (reference / "metrics.jsonl").read_text().splitlines()
 
 
-def test_torchrun_two_ranks_match_one_process(tmp_path):
-    train = write_classification(tmp_path / "train.csv", 40)
-    evaluation = write_classification(tmp_path / "eval.csv", 16, seed=1)
-    # No dropout anywhere: ranks draw other random numbers than one process would. float32: bf16
-    # autocast (the default on AMX CPUs) rounds sums over a rank's rows differently from one process.
-    model = BERT + ",hidden_dropout_prob=0,attention_probs_dropout_prob=0"
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, Any]:
+    """Data, flags and the adapter of one process; torchrun runs with the same global batch must match it.
+
+    42 rows in batches of 8: the sixth step has 2 rows, so with 2 ranks × 2 micro-batches some
+    ranks have no rows in it. No dropout anywhere: ranks draw other random numbers than one
+    process would. float32: bf16 autocast (the default on AMX CPUs) rounds sums over a rank's rows
+    differently from one process."""
+    folder = tmp_path_factory.mktemp("one_process")
+    train = write_classification(folder / "train.csv", 42)
+    evaluation = write_classification(folder / "eval.csv", 16, seed=1)
+    model = BERT.replace("layers=1", "layers=2") + ",hidden_dropout_prob=0,attention_probs_dropout_prob=0"
     args = ["train", "--quiet", "--model", model, "--data", str(train), "--eval-data", str(evaluation),
             "--targets", "query,value", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "6",
-            "--max-length", "32", "--lr", "5e-3", "--dropout", "0", "--bf16", "off"]
-    single = tmp_path / "single"
-    subprocess.run(lorakit_cmd(*args, "--out", str(single)), env=env(), check=True)
-    ddp = tmp_path / "ddp"
-    torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29533", "-m", "lorakit"]
-    subprocess.run([*torchrun, *args, "--out", str(ddp)], env=env(), check=True, timeout=600)
-    got, want = tensors(ddp), tensors(single)
+            "--max-length", "32", "--lr", "5e-3", "--dropout", "0", "--bf16", "off", "--save-every", "2"]
+    runs = {}
+    for name, extra in {"plain": [], "nf4": ["--quantize", "nf4"]}.items():
+        runs[name] = folder / name
+        subprocess.run(lorakit_cmd(*args, *extra, "--out", str(runs[name])), env=env(), check=True)
+    return {"args": args, "runs": runs}
+
+
+def torchrun(processes: int, port: int) -> list[str]:
+    return [str(VENV_BIN / "torchrun"), "--nproc-per-node", str(processes), "--master-port", str(port),
+            "-m", "lorakit"]
+
+
+def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got.keys() == want.keys()
     for key in want:
         assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
-    assert (got["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"]).abs().sum() > 0
+    assert got["base_model.model.bert.encoder.layer.1.attention.self.query.lora_B.weight"].abs().sum() > 0
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, one_process):
+    ddp = tmp_path / "ddp"
+    subprocess.run([*torchrun(2, 29533), *one_process["args"], "--out", str(ddp)], env=env(), check=True,
+                   timeout=600)
+    assert_same_adapter(tensors(ddp), tensors(one_process["runs"]["plain"]))
+
+
+@pytest.mark.parametrize("base", ["plain", "nf4"])
+def test_sharded_two_ranks_match_one_process(tmp_path, one_process, base):
+    """FSDP2 (--shard) over gloo: each rank holds half of every weight, base (NF4 too) and adapter."""
+    out = tmp_path / "sharded"
+    extra = ["--quantize", "nf4"] if base == "nf4" else []
+    done = subprocess.run([*torchrun(2, 29534), *one_process["args"], *extra, "--shard", "--out", str(out)],
+                          env=env(), check=True, timeout=600, capture_output=True, text=True)
+    assert "--shard: 2 process(es), each holding 1/2 of every weight" in done.stdout
+    assert_same_adapter(tensors(out), tensors(one_process["runs"][base]))
+    # checkpoints hold whole tensors, in an unsharded run's layout
+    checkpoint = torch.load(sorted((out / "checkpoints").glob("step-*.pt"))[-1], weights_only=False)
+    reference = torch.load(sorted((one_process["runs"][base] / "checkpoints").glob("step-*.pt"))[-1],
+                           weights_only=False)
+    assert checkpoint["processes"] == 2
+    for key, value in reference["trained"].items():
+        assert checkpoint["trained"][key].shape == value.shape, key
+    for index, state in reference["optimizer"]["state"].items():
+        assert checkpoint["optimizer"]["state"][index]["exp_avg"].shape == state["exp_avg"].shape
+
+
+def test_sharded_run_killed_resumes_sharded_and_on_one_process(tmp_path, one_process):
+    """A sharded run killed after a checkpoint resumes to the uninterrupted adapter, under torchrun
+    with --shard or in one plain process (checkpoints do not depend on the number of processes)."""
+    args = one_process["args"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*torchrun(2, 29535), *args, "--shard", "--out", str(killed)], env=env(),
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(int(p.stem.split("-")[1]) >= 2 for p in (killed / "checkpoints").glob("step-*.pt")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    copy = tmp_path / "copy"
+    shutil.copytree(killed, copy)
+
+    subprocess.run([*torchrun(2, 29536), *args, "--shard", "--resume", "--out", str(killed)], env=env(),
+                   check=True, timeout=600)
+    assert_same_adapter(tensors(killed), tensors(one_process["runs"]["plain"]))
+    done = subprocess.run(lorakit_cmd(*args, "--resume", "--out", str(copy)), env=env(), check=True,
+                          capture_output=True, text=True)
+    assert "processes 2 → 1" in done.stdout + done.stderr
+    assert_same_adapter(tensors(copy), tensors(one_process["runs"]["plain"]))

@@ -82,7 +82,7 @@ def measure_general(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with no_autograd(model):
             for start in starts:
                 ids, mask = _padded(encoded[start:start + batch_size], pad_id, device)
                 with autocast if autocast is not None else contextlib.nullcontext():
@@ -176,3 +176,12 @@ def _row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["GeneralMeasure", "compare_general", "measure_general"]
+
+
+def no_autograd(model: nn.Module):
+    """inference_mode, except for a model sharded by FSDP (``lorakit train --shard``): FSDP reuses
+    the buffers it gathers weights into across passes, and tensors made under inference_mode
+    cannot be written to outside it, so a later training step would fail."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()

@@ -75,6 +75,7 @@ class TrainConfig:
     bf16: str = "auto"  # auto (on where the hardware runs it fast) | on | off
     pack: bool = False  # causal-lm: lay each micro-batch's examples end to end in rows of --max-length (same loss)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    shard: bool = False  # under torchrun: split the base and adapters across the processes (FSDP2); else DDP
     seed: int = 0  # data order, heads, random bases and inits
     # evaluation and checkpoints
     eval_every: int | None = None  # steps; None: once per epoch
@@ -134,6 +135,13 @@ class TrainConfig:
         if self.pack and self.task != "causal-lm":
             raise ConfigError("--pack lays causal-LM examples end to end in rows; it needs --task causal-lm "
                               "(a classifier reads one example per row)")
+        if self.shard and self.method in BASELINES:
+            raise ConfigError(f"--shard splits a frozen base under an adapter; --method {self.method} "
+                              f"{'writes the base weights' if self.method == 'delta-lora' else 'trains the base'}, "
+                              "which sharded training does not support: train it without --shard")
+        if self.shard and self.quantize == "int8":
+            raise ConfigError("--shard cannot split an 8-bit base (bitsandbytes keeps its scales inside the "
+                              "weight, which sharding drops); use --quantize nf4 or none")
         if not 0 < self.eval_split < 1:
             raise ConfigError("--eval-split must be between 0 and 1")
 

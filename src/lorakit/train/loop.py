@@ -1,5 +1,6 @@
 """The training loop: accumulation, clipping, warmup + lr schedule, evaluation, early stopping,
-best-checkpoint selection, exact resume, and DistributedDataParallel under torchrun.
+best-checkpoint selection, exact resume, and DistributedDataParallel or FSDP (``--shard``) under
+torchrun.
 
 Batches are a pure function of (seed, step) and the loss of a step is normalised by the global
 number of loss units (examples or answer tokens) of that step, so one process, several
@@ -26,7 +27,7 @@ from lorakit import symptoms
 from lorakit.errors import InterruptedTrainingError
 from lorakit.train import batches as B
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import packing
+from lorakit.train import packing, sharding
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import Distributed
 from lorakit.train.general import GeneralTracker
@@ -76,7 +77,7 @@ class Trainer:
                  on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
         self.on_evaluation = on_evaluation  # sees each evaluation's metrics record; may raise to end the run
-        self.dist = Distributed.from_env()
+        self.dist = Distributed.from_env(shard=config.shard)
         torch.manual_seed(config.seed)
         self.prepared: Prepared = prepare(config)  # every input check happens here, before any write
         # config.yaml records the length examples were cut at, chosen from the data or given, so
@@ -86,11 +87,20 @@ class Trainer:
         self.outputs.max_length_used = self.prepared.length.tokens
         self.outputs.check_fresh_or_resume(config.resume)
         self.device = self.dist.device
-        self.model = self.prepared.model.to(self.device)
+        # sharding moves each parameter's shard to the device itself: the whole model never has to fit there
+        self.model = self.prepared.model if self.dist.shard else self.prepared.model.to(self.device)
         # --pack: refused here, before any write, for a model whose attention cannot keep examples apart
         self.packer = packing.Packer.for_model(self.model, self.outputs.max_length_used,
                                                self.prepared.pad_id) if config.pack else None
+        self.forward_model = self.dist.wrap(self.model)  # FSDP replaces the parameters: collect them after
+        if self.dist.shard:
+            self.outputs.say(f"--shard: {self.dist.world} process(es), each holding 1/{self.dist.world} of every "
+                             "weight (FSDP2, one unit per block)")
+        elif config.shard:
+            self.outputs.say("--shard: one process, not under torchrun: nothing to split, training unsharded")
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.trainable_names = [names[id(p)] for p in self.trainable]  # FSDP may swap in gathered copies later
         if not self.trainable:
             raise TrainingError("nothing to train: no parameter requires a gradient")
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
@@ -104,7 +114,6 @@ class Trainer:
         self.rule = None
         if config.method == "delta-lora":
             self.rule = lorakit.DeltaLoRA(self.prepared.adapted, c=config.delta_c, start_step=config.delta_start)
-        self.forward_model = self.dist.wrap(self.model)
         self.autocast = autocast_for(config.bf16, self.device)
         self.metric_name = "accuracy" if config.task == "classify" else "perplexity"
         self.state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "top": None, "bad_evals": 0,
@@ -124,10 +133,7 @@ class Trainer:
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint must hold: trainable ones, adapter buffers, and W for Delta-LoRA."""
-        keep = {}
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for p in self.trainable:
-            keep[names[id(p)]] = p
+        keep = {name: p for name, p in zip(self.trainable_names, self.trainable, strict=True)}
         persistent = self.model.state_dict(keep_vars=True)
         for n, b in self.model.named_buffers():
             if ".adapters." in n and n in persistent:  # VeRA's shared projections are fixed by the seed
@@ -135,9 +141,11 @@ class Trainer:
         if self.rule is not None:
             for path, layer in self.prepared.adapted.layers_of("default").items():
                 keep[f"model.{path}.base_layer.weight"] = layer.base_layer.weight
-        return {k: v.detach().to("cpu", copy=True) for k, v in keep.items()}
+        # sharded tensors are gathered whole (every process takes part), so the layout never depends on --shard
+        return {k: sharding.full(v).detach().to("cpu", copy=True) for k, v in keep.items()}
 
     def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        sharding.settle(self.model)
         missing = set(tensors) - set(self.model.state_dict())
         if missing:
             raise TrainingError(f"checkpoint does not fit this run: unknown tensors {sorted(missing)[:3]}")
@@ -148,7 +156,7 @@ class Trainer:
                 if target.shape != v.shape:  # adapter buffers (shift) grow during Delta-LoRA
                     _replace_buffer(self.model, k, v.to(self.device))
                 else:
-                    target.copy_(v)
+                    sharding.copy_full_into(target, v)
 
     # -- running -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -199,17 +207,17 @@ class Trainer:
             last = k == len(micro) - 1
             sync = contextlib.nullcontext() if last else dist.no_sync(self.forward_model)
             with sync:
-                if not chunk:  # this rank has no rows in a short final batch: still join the all-reduce
-                    zero = sum(p.sum() * 0.0 for p in self.trainable)
-                    zero.backward()
-                    continue
+                # A rank without rows in a short final batch runs one row at weight 0: DDP's all-reduce
+                # and FSDP's per-block gathers need every rank's forward and backward.
+                weight = 1.0 if chunk else 0.0
+                chunk = chunk or indices[:1]
                 items = [self.prepared.train[i] for i in chunk]
                 laid = self.packer.batch(items) if self.packer else B.collate(items, self.prepared.pad_id)
                 batch = {k2: v.to(self.device) for k2, v in laid.items()}
                 with self.autocast:
                     loss_sum, _ = batch_loss(self.forward_model, batch)
-                (loss_sum * dist.world / units).backward()
-                total += loss_sum.detach()
+                (loss_sum * (weight * dist.world / units)).backward()
+                total += loss_sum.detach() * weight
         if step == 0:
             self._check_gradients()
         if config.max_grad_norm > 0:
@@ -298,8 +306,9 @@ class Trainer:
         self.outputs.say(f"optimizer groups at step {self.state['step']}: {groups}")
 
     def _checkpoint(self) -> None:
+        optimizer = sharding.full_optimizer_state(self.optimizer) if self.dist.shard else self.optimizer.state_dict()
         payload = {
-            "trained": self.trained_state(), "optimizer": self.optimizer.state_dict(),
+            "trained": self.trained_state(), "optimizer": optimizer, "processes": self.dist.world,
             "scheduler": self.scheduler.state_dict(), "state": dict(self.state), "best_tensors": self.best_tensors,
             "rule": self.rule.state_dict() if self.rule else None, "config": self.config.to_dict(),
         }
@@ -316,13 +325,20 @@ class Trainer:
             return False
         applied = resume_changes(payload.get("config") or {}, self.config)
         self.load_trained_state(payload["trained"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.dist.shard:
+            sharding.load_optimizer_state(self.optimizer, payload["optimizer"])
+        else:
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.state = payload["state"]
         self.best_tensors = payload["best_tensors"]
         if self.rule is not None and payload["rule"] is not None:
             self.rule.load_state_dict(payload["rule"])
         ckpt.set_rng_state(payload["rng"])
+        before = payload.get("processes", 1)
+        if before != self.dist.world:  # checkpoints hold whole tensors and a step's batch is global
+            applied.append(f"processes {before} → {self.dist.world} (same global batch, same steps; sums may "
+                           "round differently)")
         self.outputs.say(f"resumed from step {self.state['step']}"
                          + (f"; changed: {'; '.join(applied)}" if applied else ""))
         return True
@@ -370,6 +386,8 @@ class Trainer:
             summary["data"]["sources"] = self.prepared.sources
         summary["max_length"] = self.prepared.length.as_dict()
         summary["warnings"] = self._symptoms(summary)
+        if self.dist.shard:  # the adapter file is written from whole tensors, gathered by every process
+            sharding.gather_parameters_in_place(self.model, self.trainable)
         if self.dist.is_main:
             summary["adapter_bytes"] = self.outputs.save_model(self.prepared, self.config)
             self.outputs.finish(summary, self.metric_name)
@@ -381,7 +399,7 @@ class Trainer:
 # Settings a resumed run may change: how long it runs and what it reports, not what it computes.
 SAFE_ON_RESUME = frozenset({"epochs", "max_steps", "eval_every", "save_every", "keep_last", "early_stopping",
                             "threads", "quiet", "out", "resume", "select", "general_data", "general_samples", "bf16",
-                            "log"})
+                            "log", "shard"})
 # Values checkpoints written before a setting existed were trained with.
 BEFORE_IT_EXISTED = {"scheduler": "cosine", "warmup_ratio": 0.06, "select": "best", "pack": False}
 

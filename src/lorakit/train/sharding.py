@@ -1,0 +1,203 @@
+"""``--shard``: the frozen base and the adapters split across torchrun's processes with FSDP2.
+
+Why: DDP keeps a whole copy of the base on every device, so a base that does not fit one device
+cannot train at all. PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps 1/N of every
+parameter on each of N processes and all-gathers one transformer block just before it runs,
+freeing it again after; gradients are reduce-scattered, so each process also keeps 1/N of the
+adapters' gradients and optimizer state. Frozen parameters are gathered but never reduced.
+
+Units: one per transformer block (the classes a Hugging Face model names in
+``_no_split_modules``, or else the members of the longest list of identical modules), plus the
+root for what lies outside the blocks (embeddings, final norm, head).
+
+NF4 bases (QLoRA): a bitsandbytes 4-bit weight carries its quantisation state (block scales,
+code book) on the parameter object, which FSDP replaces when it gathers. The state is also kept
+on the layer, where bitsandbytes' own forward looks for it when the parameter lost it, so the
+gathered bytes are read with the right scales. 8-bit bases keep their scales in the parameter's
+own fields with no such recovery path, and are refused.
+
+Checkpoints never hold shards: adapter tensors and the optimizer state are gathered into
+whole tensors (every process takes part, rank 0 writes), in the same layout as an unsharded
+run's. A run may therefore resume with or without ``--shard`` and on another number of
+processes: the global batch of a step does not depend on either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError
+
+
+def _dtensor_class():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of ``model``, each one FSDP unit.
+
+    A Hugging Face model lists its block classes in ``_no_split_modules`` (kept whole across
+    devices by accelerate too); any other model is cut at the longest ``nn.ModuleList`` of
+    modules of one class."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    if names:
+        blocks = [m for m in model.modules() if type(m).__name__ in names]
+        # a block nested in another block (none in transformers today) would be a unit twice
+        blocks = [b for b in blocks if not any(b is not o and _contains(o, b) for o in blocks)]
+        if blocks:
+            return blocks
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
+            best = list(module)
+    return best
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def check_shardable(model: nn.Module) -> None:
+    """Refuse, before any sharding, a base FSDP cannot gather correctly (int8 weights)."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear8bitLt":
+            raise ConfigError(f"--shard cannot split an 8-bit base ({name} is bitsandbytes' Linear8bitLt, whose "
+                              "scales live in fields of the weight that sharding drops); use --quantize nf4 or none")
+
+
+def _keep_quantisation_state(model: nn.Module, device: torch.device) -> None:
+    """Keep each NF4 layer's quantisation state on the layer itself (see the module docstring)."""
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit":
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if state is None:
+            continue
+        if device.type != "cpu":
+            state.to(device)
+        module.quant_state = state
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on its first
+        # no-grad forward; a gathered copy is thrown away afterwards while the shared state would
+        # say "repacked", so the next gather would be read in the wrong layout.
+        module.support_avx512bf16_for_cpu = False
+
+
+def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """Shard ``model`` in place across the process group: each block a unit, then the root.
+
+    Parameters move to ``device`` as they are sharded, so a model built on the CPU never has to
+    fit one accelerator whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    check_shardable(model)
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ConfigError("--shard found no repeated blocks to shard in this model (no _no_split_modules and no "
+                          "list of identical layers); train it without --shard")
+    _keep_quantisation_state(model, device)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # buffers (rotary tables, VeRA's projections) are not sharded; FSDP leaves them where they were
+    model.to(device)
+    return model
+
+
+def settle(model: nn.Module) -> None:
+    """Put the sharded parameters back on ``model`` (no-op when it is not sharded). FSDP leaves
+    the root's parameters gathered after a forward without backward (an evaluation), and code
+    that looks parameters up by module attribute must find the sharded ones the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, _dtensor_class())
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every process when sharded (a collective: every process
+    must call it, in the same order), else itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def copy_full_into(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """Write the whole tensor ``whole`` into ``target``, which may hold only this process's shard."""
+    if is_sharded(target):
+        target.to_local().copy_(_local_part(whole, target))
+    else:
+        target.copy_(whole)
+
+
+def _local_part(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``whole``, laid out as the sharded tensor ``like`` (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None).to_local()
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered whole: the layout an
+    unsharded run writes, whatever the number of processes."""
+    state = optimizer.state_dict()
+    gathered = {}
+    for index, values in state["state"].items():
+        gathered[index] = {k: full(v).detach().cpu() if torch.is_tensor(v) else v for k, v in values.items()}
+    return {**state, "state": gathered}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a whole-tensor optimizer state (:func:`full_optimizer_state`, or an unsharded run's)
+    into an optimizer over sharded parameters: each process keeps its part."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not is_sharded(param):
+                continue
+            values = optimizer.state.get(param, {})
+            for key, value in list(values.items()):
+                if torch.is_tensor(value) and not is_sharded(value) and value.shape == param.shape:
+                    values[key] = _as_sharded(value, param)
+
+
+def _as_sharded(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(_local_part(whole, like), like.device_mesh, like.placements,
+                              shape=like.shape, stride=like.stride())
+
+
+def gather_parameters_in_place(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Replace each sharded parameter in ``params`` by a plain one holding the whole tensor, so
+    code that reads module attributes (saving an adapter file) sees whole tensors. Every process
+    must call it; FSDP training of these parameters cannot go on afterwards."""
+    settle(model)
+    wanted = {id(p) for p in params}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in wanted and is_sharded(param):
+                setattr(module, name, nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad))
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """FSDP's ``no_sync``: reduce-scatter gradients only on the last micro-batch of a step."""
+    model.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
