@@ -108,9 +108,7 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module
     mesh = init_device_mesh(device.type, (world,))
     for block in blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    # buffers (rotary tables, VeRA's projections) are not sharded; FSDP leaves them where they were
-    model.to(device)
+    fully_shard(model, mesh=mesh)  # moves parameters (sharded) and buffers (whole) to the mesh's device
     return model
 
 
