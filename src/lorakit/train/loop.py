@@ -94,8 +94,10 @@ class Trainer:
                                                self.prepared.pad_id) if config.pack else None
         self.forward_model = self.dist.wrap(self.model)  # FSDP replaces the parameters: collect them after
         if self.dist.shard:
+            held, whole = sharding.parameter_bytes(self.model)
             self.outputs.say(f"--shard: {self.dist.world} process(es), each holding 1/{self.dist.world} of every "
-                             "weight (FSDP2, one unit per block)")
+                             f"weight (FSDP2, one unit per block): {held / 2**10:,.1f} of {whole / 2**10:,.1f} KiB of "
+                             "parameters here")
         elif config.shard:
             self.outputs.say("--shard: one process, not under torchrun: nothing to split, training unsharded")
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]

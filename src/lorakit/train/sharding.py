@@ -112,6 +112,16 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module
     return model
 
 
+def parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this process holds, bytes of the whole parameters): what sharding saved."""
+    local = whole = 0
+    for param in model.parameters():
+        size = param.element_size()
+        whole += param.numel() * size
+        local += (param.to_local() if is_sharded(param) else param).numel() * size
+    return local, whole
+
+
 def settle(model: nn.Module) -> None:
     """Put the sharded parameters back on ``model`` (no-op when it is not sharded). FSDP leaves
     the root's parameters gathered after a forward without backward (an evaluation), and code
