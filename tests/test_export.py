@@ -185,6 +185,27 @@ def test_vera_and_its_plain_lora_agree_in_float64():
     assert (got - want).abs().max() < 1e-12
 
 
+def test_delta_lora_in_memory_exports_its_moves_of_the_base_weight_too():
+    """Delta-LoRA moved W itself while training; a serving engine loads the untouched base, so the
+    export must carry that shift as well (exported_factors: rank 2r), exactly."""
+    model = lorakit.adapt(base(), lorakit.AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    rule = lorakit.DeltaLoRA(model, "default", c=2.0, start_step=1)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.trainable_parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+        rule.step()
+    path = next(iter(model.adapter_modules("default")))
+    assert (model.adapted_layers()[path].weight.double() - weight_of(path)).abs().max() > 1e-3
+    modules = plain_factors(model, "default", RankRule())
+    assert {m.rank for m in modules.values()} == {8} and all(m.exact for m in modules.values())
+    fresh = lorakit.adapt(base(), plain_lora_config(model.configs["default"], {p: m.rank for p, m in modules.items()}))
+    for p, method in fresh.adapter_modules("default").items():
+        method.take_combination(modules[p].A, modules[p].B, [])
+    assert (logits(fresh) - logits(model)).abs().max() < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # approximate: DoRA and GPart through the SVD of ΔW
 # ---------------------------------------------------------------------------------------------
