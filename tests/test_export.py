@@ -251,6 +251,23 @@ def test_dora_and_gpart_are_exact_at_full_rank_and_report_what_a_low_rank_costs(
     assert (through_peft - want).abs().max() <= summary["max_logit_difference"] + 1e-5
 
 
+def test_a_large_layer_takes_the_randomised_svd_and_still_finds_a_low_rank_change():
+    """Above 1024 rows and columns ΔW's top directions come from a randomised SVD (exact energy):
+    a DoRA whose magnitude equals ‖W + s·B A‖ changes W by exactly s·B A, rank 4, which it must find."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1030, 1100))
+    model = lorakit.adapt(net, lorakit.AdapterConfig(method="dora", r=4, alpha=8, target_modules=["0"]))
+    dora = model.adapter_modules("default")["0"]
+    with torch.no_grad():
+        dora.lora_B.copy_(torch.randn(dora.lora_B.shape, generator=torch.Generator().manual_seed(4)))
+        dora.init_magnitude(model.adapted_layers()["0"].base_layer)
+    change = 2.0 * dora.lora_B.double() @ dora.lora_A.double()
+    exported = plain_factors(model, "default", RankRule(energy=0.999))["0"]
+    assert exported.rank == 4 and exported.energy_kept == pytest.approx(1.0, abs=1e-6)
+    assert not exported.exact  # a randomised spectrum is never called complete
+    assert torch.allclose(exported.B @ exported.A, change, atol=1e-4 * float(change.abs().max()), rtol=0)
+
+
 def test_energy_gives_each_module_the_fewest_directions_that_keep_it(tmp_path):
     adapter = moved_adapter(tmp_path / "gpart", "gpart", rank_pattern={"v_proj": 1})
     out = tmp_path / "plain"
