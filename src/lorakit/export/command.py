@@ -68,11 +68,15 @@ def report_lines(result) -> list[str]:
                   f"; energy kept {100 * kept['min']:.2f}% at least, {100 * kept['mean']:.2f}% on average")
     lines.append(f"  largest logit difference, original vs the written folder, on {summary['probe_texts']} probe "
                  f"texts: {result.max_logit_difference:.3g}")
-    vllm_rank = next((v for v in VLLM_MAX_LORA_RANKS if v >= high), high)
-    name = result.out.name.replace(" ", "-")
-    lines.append(f"  serve it: vllm serve {result.base_model_name or 'BASE'} --enable-lora "
-                 f"--lora-modules {name}={result.out} --max-lora-rank {vllm_rank}")
+    if result.task_type == "CAUSAL_LM":
+        vllm_rank = next((v for v in VLLM_MAX_LORA_RANKS if v >= high), high)
+        name = result.out.name.replace(" ", "-")
+        lines.append(f"  serve it: vllm serve {result.base_model_name or 'BASE'} --enable-lora "
+                     f"--lora-modules {name}={result.out} --max-lora-rank {vllm_rank}")
+    else:
+        lines.append(f"  note: serving engines generate text with causal LMs; this adapter's model is "
+                     f"{result.task_type or 'an encoder'} (PEFT loads the folder; lorakit serve runs it too)")
     if result.keeps_head:
-        lines.append("  note: it keeps the adapter's trained classifier head (modules_to_save), which PEFT loads "
-                     "and vLLM refuses")
+        lines.append("  note: it keeps the adapter's trained copies of whole modules (modules_to_save), which PEFT "
+                     "loads and vLLM refuses")
     return lines

@@ -59,6 +59,7 @@ class ExportResult:
     max_logit_difference: float
     base_model_name: str | None  # what the folder records as its base (None: a random architecture)
     keeps_head: bool  # the export carries trained modules_to_save (a classifier head)
+    task_type: str | None  # PEFT's task type the folder records (CAUSAL_LM for what engines generate with)
     summary: dict[str, Any]  # what lorakit_export.json and the metadata hold
 
     @property
@@ -106,8 +107,9 @@ def export_plain_lora(adapter: str | Path, out: str | Path | None = None, rule: 
         summary["max_logit_difference"] = logit_difference(model, spec, SOURCE, SHIPPED)  # what ships, read back
         _stamp_metadata(staging / WEIGHTS_NAME, summary)
         write_text_atomically(staging / EXPORT_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    task_type = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8")).get("task_type")
     return ExportResult(out, file.config.method, modules, summary["max_logit_difference"], base_name,
-                        bool(model.configs[SOURCE].modules_to_save), summary)
+                        bool(model.configs[SOURCE].modules_to_save), task_type, summary)
 
 
 def _add_export(model: AdaptedModel, modules: dict[str, ModuleExport]) -> None:
