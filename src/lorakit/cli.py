@@ -241,6 +241,18 @@ def _sweep_parser(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from lorakit.export.command import run
+
+    return run(args)
+
+
+def _export_parser(parser: argparse.ArgumentParser) -> None:
+    from lorakit.export.command import add_arguments
+
+    add_arguments(parser)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train an adapter from a YAML file and/or flags", _train_parser, _train),
     "merge": ("merge an adapter into its base and write a plain Hugging Face model folder", _merge_parser, _merge),
@@ -251,6 +263,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "rank": ("choose LoRA ranks from measurements: gradient spectra before training, ΔW spectra and "
              "shrinking after", _rank_parser, _rank),
     "sweep": ("search train settings with Optuna: trials, a leaderboard, the best config", _sweep_parser, _sweep),
+    "export": ("write an adapter as a plain PEFT LoRA that vLLM, SGLang, LoRAX and TGI serve", _export_parser,
+               _export),
 }
 
 
