@@ -71,6 +71,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     assert metrics == (reference / "metrics.jsonl").read_text().splitlines()
 
 
+# DoRA reads the gathered base weight for its norm; NF4 gathers 4-bit codes beside their scales.
+VARIANTS = {"plain": [], "nf4": ["--quantize", "nf4"], "dora": ["--method", "dora"]}
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict[str, Any]:
     """Data, flags and the adapter of one process; torchrun runs with the same global batch must match it.
@@ -87,7 +91,7 @@ def one_process(tmp_path_factory) -> dict[str, Any]:
             "--targets", "query,value", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "6",
             "--max-length", "32", "--lr", "5e-3", "--dropout", "0", "--bf16", "off", "--save-every", "2"]
     runs = {}
-    for name, extra in {"plain": [], "nf4": ["--quantize", "nf4"]}.items():
+    for name, extra in VARIANTS.items():
         runs[name] = folder / name
         subprocess.run(lorakit_cmd(*args, *extra, "--out", str(runs[name])), env=env(), check=True)
     return {"args": args, "runs": runs}
@@ -112,11 +116,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, one_process):
     assert_same_adapter(tensors(ddp), tensors(one_process["runs"]["plain"]))
 
 
-@pytest.mark.parametrize("base", ["plain", "nf4"])
+@pytest.mark.parametrize("base", list(VARIANTS))
 def test_sharded_two_ranks_match_one_process(tmp_path, one_process, base):
     """FSDP2 (--shard) over gloo: each rank holds half of every weight, base (NF4 too) and adapter."""
     out = tmp_path / "sharded"
-    extra = ["--quantize", "nf4"] if base == "nf4" else []
+    extra = VARIANTS[base]
     done = subprocess.run([*torchrun(2, 29534), *one_process["args"], *extra, "--shard", "--out", str(out)],
                           env=env(), check=True, timeout=600, capture_output=True, text=True)
     line = next(t for t in done.stdout.splitlines() if t.startswith("--shard: 2 process(es), each holding 1/2"))
