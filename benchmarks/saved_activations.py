@@ -2,7 +2,7 @@
 
 Issue target (§7): lorakit LoRA's saved-for-backward within 10 % of the bare base's. Saved bytes do
 not depend on the machine, only on the graph autograd records, so they can be counted on a CPU:
-``torch.autograd.graph.saved_tensors_hooks`` sees every tensor a node keeps for its backward;
+saved-tensor hooks (``lorakit.fused.saved_tensors_observer``) see every tensor a node keeps for its backward;
 each storage is counted once (views of one tensor, and a tensor several nodes keep, cost memory
 once), and parameters and buffers are left out (they are alive anyway).
 
@@ -33,6 +33,8 @@ import gc
 import _common as c
 import torch
 from torch import nn
+
+import lorakit.fused
 
 VARIANTS = ("base", "lora", "dora", "vera", "lora-fa", "peft-lora")
 MiB = 2**20
@@ -78,13 +80,14 @@ def count(model: nn.Module, ids: torch.Tensor) -> dict:
     owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     packed: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def see(t: torch.Tensor) -> None:
         s = t.untyped_storage()
         if s.data_ptr() not in owned:
             packed[s.data_ptr()] = max(packed.get(s.data_ptr(), 0), s.nbytes())
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # lorakit's observer, not plain hooks: under hooks that may unpack once, the fused path keeps
+    # inputs it would otherwise rebuild, and the count would not be what runs (lorakit.fused).
+    with lorakit.fused.saved_tensors_observer(see):
         loss = model(input_ids=ids, labels=ids).loss
     nodes = {p: v for p, v in saved_nodes(loss.grad_fn).items() if p not in owned}
     by_node: collections.Counter[str] = collections.Counter()

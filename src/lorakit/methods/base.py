@@ -38,6 +38,8 @@ What it implements (defaults in brackets):
     initialise(init, base_layer, gradient)  fill its tensors for a non-default init [refuse]
     forward(x, base_out, base_layer)      the layer output with its update [base_out + B A x]
     fused_factors()                       (A, B, s) for the one-node training path [from factors]
+    fused_update(base_layer)              the update as the one-node path computes it, vectors and
+                                          output scale included (VeRA, DoRA) [from fused_factors]
     factors(), output_scale(base_layer)   its update as factors (mixable, mergeable, combinable)
     delta_weight()                        its update as an (out, in) matrix, for merging [B A]
     merged_weight / unmerged_weight       W with its update written in / taken out [W ± delta_weight()]
@@ -67,6 +69,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.fused import FusedUpdate
 from lorakit.kinds_base import LayerKind
 from lorakit.structure import structure_changed
 
@@ -232,6 +235,14 @@ class AdapterMethod(nn.Module):
             return None
         A, B = self.factors()
         return A, B, 1.0
+
+    def fused_update(self, base_layer: nn.Module) -> FusedUpdate | None:
+        """This adapter's update for the one-node training path (:class:`lorakit.fused.FusedUpdate`),
+        or None for the generic path. Called only on a base layer the path accepts. A method whose
+        update carries per-feature vectors (VeRA) or an output scale (DoRA) hands them here, so the
+        node keeps them apart from the factors; others hand :meth:`fused_factors`."""
+        factors = self.fused_factors()
+        return None if factors is None else FusedUpdate(*factors)
 
     def dropout_in_effect(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
