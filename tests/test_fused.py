@@ -294,3 +294,56 @@ def test_float32_factors_on_a_bf16_layer_take_the_fused_path(case: str, monkeypa
     assert fused.keys() == generic.keys()
     for name in fused:
         assert_close(fused[name], generic[name], atol=5e-2, rtol=5e-2, msg=name)
+
+
+# -- what a training step keeps, against the bare base --------------------------------------------
+def small_llama(layers: int, device: torch.device | str = "cpu") -> nn.Module:
+    """A bf16 Llama with the width ratios of a 1B one (hidden 256, intermediate 704, head dim 64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd keeps during one causal-LM step, each storage once, parameters and buffers excluded."""
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept: dict[int, int] = {}
+
+    def see(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            kept[storage.data_ptr()] = storage.nbytes()
+
+    with lorakit.fused.saved_tensors_observer(see):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(kept.values())
+
+
+def saved_against_bare_base(device: torch.device | str, layers: int = 2, r: int = 16) -> None:
+    """LoRA on every linear keeps, per layer and token, the two norm outputs (hidden each) and seven
+    r-wide features beyond the bare base (its backward run through every layer): the attention
+    output is kept by attention already and the down projection's input is rebuilt. That is within
+    10 % of the bare base here; VeRA and LoRA-FA keep only the r-wide features."""
+    ids = torch.randint(0, 1024, (2, 128), generator=torch.Generator().manual_seed(0)).to(device)
+    base = small_llama(layers, device).train().requires_grad_(False)
+    base.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    bare = saved_bytes(base, ids)
+    saved = {}
+    for method in ("lora", "vera", "lora-fa"):
+        am = lorakit.adapt(small_llama(layers, device), lorakit.AdapterConfig(method=method, r=r, alpha=2 * r,
+                                                                              target_modules="all-linear"))
+        saved[method] = saved_bytes(am.train(), ids)
+    per_layer_token = (2 * 256 + 7 * r) * 2  # bf16
+    assert saved["lora"] - bare <= layers * ids.numel() * per_layer_token
+    assert saved["lora"] <= 1.10 * bare
+    for method in ("vera", "lora-fa"):
+        assert saved[method] - bare <= layers * ids.numel() * 7 * r * 2, method
+
+
+def test_a_training_step_keeps_little_more_than_the_bare_base() -> None:
+    saved_against_bare_base("cpu")
