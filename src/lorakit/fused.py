@@ -11,17 +11,18 @@ output, bias excepted (DoRA's m / ||W + s·B A||, the norm a constant). Plain Lo
 
 Under plain autograd the base linear and the update are separate branches, so the backward
 forms the input gradient twice, g W and s·(g B) A, each a new input-sized tensor, and sums them
-in a third pass. Here, with g' = c ⊙ g, A' = d ⊙ A and B' = b ⊙ B (folded inside the node, weight-sized):
+in a third pass. Here, with g' = c ⊙ g and B'' = (b ⊙ B) ⊙ dᵀ (weight-sized, built inside the node;
+B itself for LoRA), the update is s · (x Aᵀ) B''ᵀ and the backward writes
 
-    grad_x = g' W,  then  grad_x += (s · g' B') A'     (one GEMM accumulating into it: addmm_)
-    grad_A = d ⊙ (s · g' B')ᵀ x       grad_d = Σ_tokens (s · g' B') ⊙ (x Aᵀ)
-    grad_B = b ⊙ s · g'ᵀ h            grad_b = Σ_r (s · g'ᵀ h) ⊙ B        (h = (x Aᵀ) ⊙ d)
-    grad_c = Σ_tokens g ⊙ (y_c=1 − bias)                                  grad_bias = Σ_tokens g
+    gH = s · g' B''  (tokens × r)     grad_x = g' W,  then  grad_x += gH A   (addmm_ into it)
+    grad_A = gHᵀ x                    G = s · g'ᵀ (x Aᵀ)  (out × r)
+    grad_B = G ⊙ b ⊙ dᵀ   grad_b = Σ_r G ⊙ B ⊙ dᵀ   grad_d = Σ_out G ⊙ b ⊙ B
+    grad_c = Σ_tokens g ⊙ (output before c − bias)          grad_bias = Σ_tokens g
 
-reusing g' B' for grad_x, grad_A and grad_d. What it keeps for backward is what those need and no
-more: x only when A trains (VeRA's A is frozen, so VeRA keeps only x Aᵀ, tokens × r), x Aᵀ when B, b
-or d train, and the output before c only when c trains (DoRA's magnitude). W, the factors and the
-vectors are parameters or their slices, which cost nothing to keep.
+reusing gH for grad_x and grad_A, and G for B, b and d. What it keeps for backward is what those
+need and no more: x only when A trains (VeRA's A is frozen, so VeRA keeps only x Aᵀ, tokens × r),
+x Aᵀ when B, b or d train, and the output before c only when c trains (DoRA's magnitude). W, the
+factors and the vectors are parameters or their slices, which cost nothing to keep.
 
 x itself is not kept when the graph already holds what rebuilds it exactly (:func:`rebuilder`):
 the input of a gated MLP's down projection is act(gate) ⊙ up, whose two operands the product's
@@ -69,9 +70,23 @@ class FusedUpdate:
         return tuple(t for t in (self.A, self.B, self.d, self.b, self.output_scale) if t is not None)
 
 
-def _rows_scaled(M: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
-    """v ⊙ M row by row (M itself when v is None)."""
-    return M if v is None else M * v.unsqueeze(1)
+def _transposed(M: torch.Tensor, dtype: torch.dtype, factor: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """factor ⊙ Mᵀ as a contiguous tensor of ``dtype``: cast, transpose and scale in one kernel.
+
+    The skinny GEMMs run faster on these layouts than on transposed views (measured; BENCHMARKS.md),
+    and one kernel instead of a cast, a copy and a product matters where a step is host-bound.
+    """
+    out = torch.empty(M.shape[1], M.shape[0], dtype=dtype, device=M.device)
+    if isinstance(factor, float) and factor == 1.0:
+        return out.copy_(M.t())
+    return torch.mul(M.t(), factor, out=out)
+
+
+def _vectors(d: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """V with V_ko = d_k · b_o, shaped to scale Bᵀ (r, out); None when there are no vectors."""
+    if d is None:
+        return b
+    return d.unsqueeze(1) if b is None else torch.outer(d, b)
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -81,20 +96,18 @@ class LowRankLinear(torch.autograd.Function):
     def forward(ctx, x, W, bias, A, B, d, b, c, scaling: float):
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
         dtype = x.dtype
-        # The small factors transposed into contiguous copies, in the input's dtype: the skinny
-        # GEMMs below run faster on these layouts than on transposed views (measured; BENCHMARKS.md).
-        h0 = x2 @ A.to(dtype).t().contiguous()  # (tokens, r)
-        h = h0 if d is None else (h0 * d).to(dtype)
+        V = _vectors(d, b)
+        h0 = x2 @ _transposed(A, dtype)  # (tokens, r)
         out = F.linear(x2, W, bias)  # (tokens, out), a fresh tensor: accumulate into it
-        out.addmm_(h, _rows_scaled(B, b).to(dtype).t().contiguous(), alpha=scaling)
+        out.addmm_(h0, _transposed(B, dtype, 1.0 if V is None else V), alpha=scaling)  # + s · h0 B''ᵀ
         y = out
-        if c is not None:  # (c ⊙ (out − bias) + bias): the bias term is one vector
+        if c is not None:  # c ⊙ (out − bias) + bias: the bias term is one vector
             c_ = c.to(dtype)
             y = out * c_ if bias is None else torch.addcmul((1 - c_) * bias, out, c_)
 
         producer = rebuilder(x) if A.requires_grad else None
         keep_x = A.requires_grad and producer is None
-        keep_h0 = B.requires_grad or (d is not None and d.requires_grad) or (b is not None and b.requires_grad)
+        keep_h0 = any(t is not None and t.requires_grad for t in (B, d, b))
         keep_out = c is not None and c.requires_grad
         # Parameters (and VeRA's projection slices) cost no memory to keep.
         ctx.save_for_backward(x2 if keep_x else None, h0 if keep_h0 else None, out if keep_out else None,
@@ -107,6 +120,8 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        # With B'' = (b ⊙ B) ⊙ dᵀ (B itself for LoRA) the update is s · (x Aᵀ) B''ᵀ, so
+        # dL/d(x Aᵀ) = s · g' B'' and dL/dB'' = s · g'ᵀ (x Aᵀ) =: G, from which B, b and d take theirs.
         x2, h0, out, W, bias, A, B, d, b, c = ctx.saved_tensors
         need_x, _, need_bias, need_A, need_B, need_d, need_b, need_c, _ = ctx.needs_input_grad
         s, dtype = ctx.scaling, g.dtype
@@ -120,24 +135,33 @@ class LowRankLinear(torch.autograd.Function):
         if need_bias:
             grad_bias = g2.sum(0)
         gz = g2 if c is None else g2 * c.to(dtype)  # the gradient of the output before c
-        if need_x or need_A or need_d:
-            Bt = _rows_scaled(B, b).to(dtype).t().contiguous()  # (r, out)
-            gB = (gz @ Bt.t()).mul_(s)  # (tokens, r): s · g' B'
+        V = _vectors(d, b)
+        if need_x or need_A:
+            # s · g' B'' as one GEMM on s·B''ᵀ (without vectors s folds into the cast; with them the
+            # consumers take it, and VeRA's s is 1)
+            gH = gz @ _transposed(B, dtype, s if V is None else V).t()  # (tokens, r)
+            s_left = 1.0 if V is None else s
             if need_x:
-                At = _rows_scaled(A, d).to(dtype).t().contiguous()  # (in, r)
-                grad_x = torch.mm(gz, W).addmm_(gB, At.t()).view(ctx.x_shape)
+                grad_x = torch.mm(gz, W).addmm_(gH, _transposed(A, dtype).t(), alpha=s_left).view(ctx.x_shape)
             if need_A:
                 x2 = x2 if ctx.producer is None else rebuild(ctx.producer).reshape(-1, ctx.x_shape[-1])
-                grad_A = _rows_scaled((gB.t() @ x2).to(A.dtype), d)  # (r, in)
-            if need_d:
-                grad_d = (gB * h0).sum(0).to(d.dtype)
-        if need_B or need_b:
-            h = h0 if d is None else (h0 * d).to(dtype)
-            grad_Bp = (h.t() @ gz).mul_(s).t()  # (out, r): s · g'ᵀ h, a transposed view
-            if need_B:
-                grad_B = _rows_scaled(grad_Bp.to(B.dtype), b)
-            if need_b:
-                grad_b = (grad_Bp * B).sum(1).to(b.dtype)
+                grad_A = (gH.t() @ x2).to(A.dtype)  # (r, in)
+                if s_left != 1.0:
+                    grad_A.mul_(s_left)
+        if need_B or need_b or need_d:
+            G = h0.t() @ gz  # (r, out): Gᵀ / s
+            if V is None:
+                grad_B = _transposed(G, B.dtype, s)  # (out, r)
+            else:
+                Gf = torch.mul(G, s, out=torch.empty(G.shape, dtype=B.dtype, device=G.device))
+                if need_B:
+                    grad_B = (Gf * V).t()
+                if need_b or need_d:
+                    GB = Gf * B.t()  # (r, out): G_ok B_ok, transposed
+                    if need_b:
+                        grad_b = (GB.sum(0) if d is None else d @ GB).to(b.dtype)
+                    if need_d:
+                        grad_d = (GB.sum(1) if b is None else GB @ b).to(d.dtype)
         return grad_x, None, grad_bias, grad_A, grad_B, grad_d, grad_b, grad_c, None
 
 
