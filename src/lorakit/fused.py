@@ -3,9 +3,10 @@
     y = c ⊙ (x Wᵀ + bias + s · ((x Aᵀ) ⊙ d) (b ⊙ B)ᵀ) + (1 − c) ⊙ bias
 
 with W (out, in) frozen, A (r, in), B (out, r), and three optional vectors (:class:`FusedUpdate`):
-d (r) and b (out) scale the rank features and the update's outputs (VeRA's λ_d and λ_b, so its
-frozen projections are never folded into activation-sized products), and c (out) scales the whole
-output, bias excepted (DoRA's m / ||W + s·B A||, the norm a constant). Plain LoRA has none of them:
+d (r) and b (out) scale the rank features and the update's outputs (VeRA's λ_d and λ_b: they
+multiply a weight-sized copy of its frozen projection inside the node, never an activation), and
+c (out) scales the whole output, bias excepted (DoRA's m / ||W + s·B A||, the norm a constant).
+Plain LoRA has none of them:
 
     y = x Wᵀ + bias + s · (x Aᵀ) Bᵀ
 
@@ -27,7 +28,8 @@ factors and the vectors are parameters or their slices, which cost nothing to ke
 x itself is not kept when the graph already holds what rebuilds it exactly (:func:`rebuilder`):
 the input of a gated MLP's down projection is act(gate) ⊙ up, whose two operands the product's
 own node keeps for its backward, and a GELU's output is rebuilt from the input GELU keeps. Those
-are recomputed in backward, one elementwise op, instead of holding a second copy of the input.
+are recomputed in backward, one elementwise op, instead of holding a second copy of the input
+(not under saved-tensor hooks that may unpack once, such as non-reentrant checkpointing).
 
 It applies only where it computes exactly what the generic path does: a plain ``nn.Linear`` (its
 own ``forward``, no hooks of any kind), a frozen W, one adapter that hands a :class:`FusedUpdate`
