@@ -34,6 +34,7 @@ import _common as c
 import torch
 from torch import nn
 
+import lorakit
 import lorakit.fused
 
 VARIANTS = ("base", "lora", "dora", "vera", "lora-fa", "peft-lora")
@@ -103,6 +104,11 @@ def build(base: nn.Module, args: argparse.Namespace, variant: str) -> nn.Module:
         model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
         return model
     method = variant.removeprefix("peft-")
+    if args.dropout:
+        if variant.startswith("peft-"):
+            raise SystemExit("--dropout applies to lorakit's variants only; leave out peft-lora")
+        return lorakit.adapt(copy.deepcopy(base), lorakit.AdapterConfig(
+            method=method, r=args.rank, alpha=args.alpha, target_modules="all-linear", dropout=args.dropout)).train()
     am = c.lorakit_model(base, args, method)
     if variant.startswith("peft-"):
         model = c.peft_model_like(base, am, args, method)
@@ -132,6 +138,7 @@ def main() -> None:
     parser.add_argument("--project-layers", type=int, default=16,
                         help="also give each ratio for a model of this many layers (0: skip)")
     parser.add_argument("--top", type=int, default=8, help="rows of each variant's breakdown by node")
+    parser.add_argument("--dropout", type=float, default=0.0, help="lorakit's adapter dropout (default 0, as in §7)")
     args = parser.parse_args()
     c.set_threads(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -143,7 +150,7 @@ def main() -> None:
     print(c.header(f"Saved for backward, one training step (r={args.rank}, all-linear)"))
     print(f"- model: Llama-style, hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
           f"{args.heads} heads, vocab {args.vocab}; {args.batch} × {args.seq} tokens; base {args.dtype}, "
-          "adapters float32; each storage counted once, parameters and buffers excluded")
+          f"adapters float32, dropout {args.dropout:g}; each storage counted once, parameters and buffers excluded")
     results = {v: measure(args, v) for v in variants}
     project = args.project_layers if args.project_layers and args.layers > 1 else 0
     shallower = {v: measure(args, v, args.layers - 1)["total"] for v in variants} if project else {}

@@ -196,11 +196,13 @@ def test_only_the_needed_gradients_are_formed() -> None:
     assert m.lora_A.grad is None and m.lora_B.grad is not None
 
 
-@pytest.mark.parametrize("setting", ["dropout", "hook", "pre-hook", "W trainable", "cera", "two adapters", "no_grad",
-                                     "autocast"])
+@pytest.mark.parametrize("setting", ["hooked dropout", "hook", "pre-hook", "W trainable", "cera", "two adapters",
+                                     "no_grad", "autocast"])
 def test_generic_path_where_fusing_would_change_something(setting: str) -> None:
-    am, base, _ = adapted_linear("cera" if setting == "cera" else "lora", "frozen",
-                                 dropout=0.3 if setting == "dropout" else 0.0)
+    am, base, m = adapted_linear("cera" if setting == "cera" else "lora", "frozen",
+                                 dropout=0.3 if setting == "hooked dropout" else 0.0)
+    if setting == "hooked dropout":
+        m.dropout.register_forward_hook(lambda mod, i, out: None)
     if setting == "hook":
         base.register_forward_hook(lambda mod, i, out: None)
     if setting == "pre-hook":
@@ -215,17 +217,54 @@ def test_generic_path_where_fusing_would_change_something(setting: str) -> None:
         assert not uses_fused(am(x))
 
 
+@pytest.mark.parametrize("case", ["lora", "vera", "dora"])
+def test_dropout_in_the_node_draws_and_differentiates_as_nn_dropout(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same seed, same mask: outputs and every gradient equal the generic path's (float64)."""
+    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        am, _, _ = adapted_linear(case, "trainable", dropout=0.4)
+        x = torch.randn(2, 5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr(lorakit.layer, "fused_linear", lambda *args: None)
+            torch.manual_seed(3)
+            y = am(x)
+        assert uses_fused(y) == fused
+        params = [p for p in am.parameters() if p.requires_grad]
+        g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(5))
+        return y, torch.autograd.grad(y, [x, *params], g)
+
+    y, grads = run(True)
+    y_generic, generic = run(False)
+    assert_close(y, y_generic, atol=1e-12, rtol=1e-12)
+    assert len(grads) == len(generic) >= 3
+    for got, want in zip(grads, generic, strict=True):
+        assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("case", "expected"), [("lora", {"x", "mask", "rank"}), ("vera", {"mask", "rank"})])
+def test_dropout_keeps_a_bool_mask_not_a_dropped_copy(case: str, expected: set[str]) -> None:
+    am, _, _ = adapted_linear(case, "frozen", dropout=0.4)
+    x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    owned = {t.untyped_storage().data_ptr() for t in (*am.parameters(), *am.buffers())}
+    kept = [t for t in kept_for_backward(lambda: am(x)) if t.untyped_storage().data_ptr() not in owned]
+    what = {"x" if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else
+            "mask" if t.dtype == torch.bool else {(7, 4): "rank"}.get(tuple(t.shape), str(tuple(t.shape)))
+            for t in kept}
+    assert what == expected
+
+
 def test_dropout_in_eval_mode_takes_the_fused_path() -> None:
     am, _, _ = adapted_linear("lora", "none", dropout=0.3)
     am.eval()
     assert uses_fused(am(torch.randn(3, 12, dtype=torch.float64, requires_grad=True)))
 
 
-@pytest.mark.parametrize("method", ["lora", "vera", "dora"])
-def test_training_step_on_a_model_equals_the_generic_path(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("method", "dropout"), [("lora", 0.0), ("vera", 0.0), ("dora", 0.0), ("lora", 0.2)])
+def test_training_step_on_a_model_equals_the_generic_path(method: str, dropout: float,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole causal-LM step (float64): same loss and the same gradient of every trainable tensor."""
     fused_step_equals_generic(torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0)), monkeypatch,
-                              method=method)
+                              method=method, dropout=dropout)
 
 
 def test_training_step_under_gradient_checkpointing_equals_the_generic_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,16 +275,17 @@ def test_training_step_under_gradient_checkpointing_equals_the_generic_path(monk
 
 
 def fused_step_equals_generic(ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch, *, method: str = "lora",
-                              checkpointing: bool = False) -> None:
+                              checkpointing: bool = False, dropout: float = 0.0) -> None:
     """One float64 causal-LM step of an all-linear adapter on ``ids``' device, through the fused path
     and then the generic one: the same loss and the same gradient of every trainable tensor. The
     fused step rebuilds the MLP's down-projection inputs (LoRA, DoRA: A trains) rather than keeping them."""
     def grads() -> tuple[float, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         am = lorakit.adapt(tiny_llama(seed=0).double(),
-                           lorakit.AdapterConfig(method=method, r=4, target_modules="all-linear"))
+                           lorakit.AdapterConfig(method=method, r=4, target_modules="all-linear", dropout=dropout))
         randomise(am.double())
         am.to(ids.device).train()
+        torch.manual_seed(1)  # the same dropout masks on both paths
         if checkpointing:
             am.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss = am(input_ids=ids, labels=ids).loss

@@ -31,10 +31,13 @@ own node keeps for its backward, and a GELU's output is rebuilt from the input G
 are recomputed in backward, one elementwise op, instead of holding a second copy of the input
 (not under saved-tensor hooks that may unpack once, such as non-reentrant checkpointing).
 
+The adapter's dropout, on the update's input only, runs in the node too, drawing what
+``nn.Dropout`` draws; the node keeps its bool mask (one byte per element) rather than the dropped
+copy, and forms the dropped input again in backward.
+
 It applies only where it computes exactly what the generic path does: a plain ``nn.Linear`` (its
-own ``forward``, no hooks of any kind), a frozen W, one adapter that hands a :class:`FusedUpdate`
-(no dropout in effect), every tensor on one device, and no autocast. Everything else takes the
-generic path.
+own ``forward``, no hooks of any kind), a frozen W, one adapter that hands a :class:`FusedUpdate`,
+every tensor on one device, and no autocast. Everything else takes the generic path.
 
 The factors may have another dtype than the layer: float32 adapters on a bf16 base are the usual
 setup on GPUs. Then, as on the generic path, the products run in the layer's dtype on cast
@@ -67,6 +70,7 @@ class FusedUpdate:
     d: torch.Tensor | None = None  # (r,): scales the rank features, A' = d ⊙ A
     b: torch.Tensor | None = None  # (out,): scales the update's outputs, B' = b ⊙ B
     output_scale: torch.Tensor | None = None  # (out,): c, on the whole output but the bias
+    dropout: float = 0.0  # p of the adapter's dropout on x (the update's input only), 0: none
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in (self.A, self.B, self.d, self.b, self.output_scale) if t is not None)
@@ -95,11 +99,14 @@ class LowRankLinear(torch.autograd.Function):
     """The adapted Linear's output with W frozen; see the module docstring for the backward."""
 
     @staticmethod
-    def forward(ctx, x, W, bias, A, B, d, b, c, scaling: float):
+    def forward(ctx, x, W, bias, A, B, d, b, c, scaling: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
         dtype = x.dtype
         V = _vectors(d, b)
-        h0 = x2 @ _transposed(A, dtype)  # (tokens, r)
+        # The update's input: x, or its dropout (the same draw as nn.Dropout's), whose bool mask is
+        # kept instead of the dropped copy: x is often kept or rebuilt anyway, and shared by q, k, v.
+        xd, mask = (x2, None) if p == 0 else torch.native_dropout(x2, p, True)
+        h0 = xd @ _transposed(A, dtype)  # (tokens, r)
         out = F.linear(x2, W, bias)  # (tokens, out), a fresh tensor: accumulate into it
         out.addmm_(h0, _transposed(B, dtype, 1.0 if V is None else V), alpha=scaling)  # + s · h0 B''ᵀ
         y = out
@@ -111,11 +118,13 @@ class LowRankLinear(torch.autograd.Function):
         keep_x = A.requires_grad and producer is None
         keep_h0 = any(t is not None and t.requires_grad for t in (B, d, b))
         keep_out = c is not None and c.requires_grad
+        keep_mask = mask is not None and (A.requires_grad or x.requires_grad)
         # Parameters (and VeRA's projection slices) cost no memory to keep.
         ctx.save_for_backward(x2 if keep_x else None, h0 if keep_h0 else None, out if keep_out else None,
-                              W, bias, A, B, d, b, c)
+                              mask if keep_mask else None, W, bias, A, B, d, b, c)
         ctx.producer = producer
         ctx.scaling = scaling
+        ctx.dropout_scale = 1.0 / (1.0 - p)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -124,8 +133,8 @@ class LowRankLinear(torch.autograd.Function):
     def backward(ctx, g):
         # With B'' = (b ⊙ B) ⊙ dᵀ (B itself for LoRA) the update is s · (x Aᵀ) B''ᵀ, so
         # dL/d(x Aᵀ) = s · g' B'' and dL/dB'' = s · g'ᵀ (x Aᵀ) =: G, from which B, b and d take theirs.
-        x2, h0, out, W, bias, A, B, d, b, c = ctx.saved_tensors
-        need_x, _, need_bias, need_A, need_B, need_d, need_b, need_c, _ = ctx.needs_input_grad
+        x2, h0, out, mask, W, bias, A, B, d, b, c = ctx.saved_tensors
+        need_x, _, need_bias, need_A, need_B, need_d, need_b, need_c, _, _ = ctx.needs_input_grad
         s, dtype = ctx.scaling, g.dtype
         g2 = g.reshape(-1, g.shape[-1])  # (tokens, out)
         grad_x = grad_bias = grad_A = grad_B = grad_d = grad_b = grad_c = None
@@ -143,10 +152,17 @@ class LowRankLinear(torch.autograd.Function):
             # consumers take it, and VeRA's s is 1)
             gH = gz @ _transposed(B, dtype, s if V is None else V).t()  # (tokens, r)
             s_left = 1.0 if V is None else s
-            if need_x:
-                grad_x = torch.mm(gz, W).addmm_(gH, _transposed(A, dtype).t(), alpha=s_left).view(ctx.x_shape)
+            At = _transposed(A, dtype).t()  # (r, in), column-major
+            if need_x and mask is None:
+                grad_x = torch.mm(gz, W).addmm_(gH, At, alpha=s_left).view(ctx.x_shape)
+            elif need_x:  # the update's share passes back through the dropout (where(): the fastest masking)
+                share = torch.where(mask, gH @ At, 0)
+                grad_x = torch.mm(gz, W).add_(share, alpha=s_left * ctx.dropout_scale).view(ctx.x_shape)
             if need_A:
                 x2 = x2 if ctx.producer is None else rebuild(ctx.producer).reshape(-1, ctx.x_shape[-1])
+                if mask is not None:  # the dropped input is x masked, times the dropout's scale
+                    x2 = torch.where(mask, x2, 0)
+                    s_left *= ctx.dropout_scale
                 grad_A = (gH.t() @ x2).to(A.dtype)  # (r, in)
                 if s_left != 1.0:
                     grad_A.mul_(s_left)
@@ -164,7 +180,7 @@ class LowRankLinear(torch.autograd.Function):
                         grad_b = (GB.sum(0) if d is None else d @ GB).to(b.dtype)
                     if need_d:
                         grad_d = (GB.sum(1) if b is None else GB @ b).to(d.dtype)
-        return grad_x, None, grad_bias, grad_A, grad_B, grad_d, grad_b, grad_c, None
+        return grad_x, None, grad_bias, grad_A, grad_B, grad_d, grad_b, grad_c, None, None
 
 
 # -- rebuilding the input from what the graph keeps anyway ----------------------------------------
@@ -261,4 +277,4 @@ def fused_linear(base_layer: nn.Module, x: torch.Tensor, update: FusedUpdate) ->
     if any(t.device != W.device or not t.dtype.is_floating_point for t in tensors):
         return None
     u = update
-    return LowRankLinear.apply(x, W, base_layer.bias, u.A, u.B, u.d, u.b, u.output_scale, u.scaling)
+    return LowRankLinear.apply(x, W, base_layer.bias, u.A, u.B, u.d, u.b, u.output_scale, u.scaling, u.dropout)

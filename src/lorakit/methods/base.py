@@ -227,11 +227,11 @@ class AdapterMethod(nn.Module):
         return self.kind.add_up_(out, self.kind.down(self.dropout(x), A), B)
 
     def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, s) when this adapter's output is exactly the layer input's ``s·B A x`` added to the
-        base output (an additive method, its own forward, no dropout in effect), so the layer may
-        run base and update as one autograd node (:mod:`lorakit.fused`); None otherwise. A method
-        that overrides ``forward`` returns None unless it says otherwise."""
-        if type(self).forward is not AdapterMethod.forward or not self.additive or self.dropout_in_effect():
+        """(A, B, s) when this adapter's output is exactly ``s·B A x̃`` added to the base output, x̃
+        the layer input after this adapter's dropout (an additive method, its own forward), so the
+        layer may run base and update as one autograd node (:mod:`lorakit.fused`); None otherwise.
+        A method that overrides ``forward`` returns None unless it says otherwise."""
+        if type(self).forward is not AdapterMethod.forward or not self.additive:
             return None
         A, B = self.factors()
         return A, B, 1.0
@@ -242,10 +242,20 @@ class AdapterMethod(nn.Module):
         update carries per-feature vectors (VeRA) or an output scale (DoRA) hands them here, so the
         node keeps them apart from the factors; others hand :meth:`fused_factors`."""
         factors = self.fused_factors()
-        return None if factors is None else FusedUpdate(*factors)
+        p = self.fused_dropout()
+        return None if factors is None or p is None else FusedUpdate(*factors, dropout=p)
 
     def dropout_in_effect(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
+
+    def fused_dropout(self) -> float | None:
+        """The dropout p the one-node path applies for this adapter (0: none in effect), or None
+        when it cannot stand in for ``self.dropout`` (another module, hooks on it)."""
+        if not self.dropout_in_effect():
+            return 0.0
+        module = self.dropout
+        hooked = module._forward_hooks or module._forward_pre_hooks
+        return module.p if type(module) is nn.Dropout and not module.inplace and not hooked else None
 
     # -- the update as factors -----------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,10 +92,11 @@ class DoRA(LoRA):
         """LoRA's update with the output scale c = m / ||W + s·B A||: the one-node path computes
         c ⊙ (W x + s·B A x) + (1 − c) ⊙ bias as :meth:`forward` does, the norm a constant there too,
         and keeps the same tensors (x, x Aᵀ and the output before c, which m's gradient needs)."""
-        if type(self).forward is not DoRA.forward or self.dropout_in_effect() or self.offset_A.shape[0]:
+        p = self.fused_dropout()
+        if type(self).forward is not DoRA.forward or p is None or self.offset_A.shape[0]:
             return None
         scale = self.lora_magnitude_vector / self.weight_norm(base_layer)
-        return FusedUpdate(self.lora_A, self.lora_B, self.scaling, output_scale=scale)
+        return FusedUpdate(self.lora_A, self.lora_B, self.scaling, output_scale=scale, dropout=p)
 
     def forward(
         self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, *, inplace: bool = False

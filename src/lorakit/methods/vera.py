@@ -115,10 +115,11 @@ class VeRA(AdapterMethod):
         """The frozen projections and the two vectors apart: the node folds d and b into weight-sized
         copies once per call, and since A is frozen it keeps x Aᵀ (tokens × r) for d's gradient
         instead of x, and forms no (r, in) gradient at all."""
-        if type(self).forward is not AdapterMethod.forward or self.dropout_in_effect():
+        p = self.fused_dropout()
+        if type(self).forward is not AdapterMethod.forward or p is None:
             return None
         A, B = self.projection_slices()
-        return FusedUpdate(A, B, 1.0, d=self.vera_lambda_d, b=self.vera_lambda_b)
+        return FusedUpdate(A, B, 1.0, d=self.vera_lambda_d, b=self.vera_lambda_b, dropout=p)
 
     # -- files: PEFT's VeRA ----------------------------------------------------------------------
     # file_tensors / file_copies: the defaults (vera_lambda_b, vera_lambda_d under their own names)
