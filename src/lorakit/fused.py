@@ -152,12 +152,13 @@ class LowRankLinear(torch.autograd.Function):
             # consumers take it, and VeRA's s is 1)
             gH = gz @ _transposed(B, dtype, s if V is None else V).t()  # (tokens, r)
             s_left = 1.0 if V is None else s
-            At = _transposed(A, dtype).t()  # (r, in), column-major
-            if need_x and mask is None:
-                grad_x = torch.mm(gz, W).addmm_(gH, At, alpha=s_left).view(ctx.x_shape)
-            elif need_x:  # the update's share passes back through the dropout (where(): the fastest masking)
-                share = torch.where(mask, gH @ At, 0)
-                grad_x = torch.mm(gz, W).add_(share, alpha=s_left * ctx.dropout_scale).view(ctx.x_shape)
+            if need_x:
+                At = _transposed(A, dtype).t()  # (r, in), column-major
+                if mask is None:
+                    grad_x = torch.mm(gz, W).addmm_(gH, At, alpha=s_left)
+                else:  # the update's share passes back through the dropout (where(): the fastest masking)
+                    grad_x = torch.mm(gz, W).add_(torch.where(mask, gH @ At, 0), alpha=s_left * ctx.dropout_scale)
+                grad_x = grad_x.view(ctx.x_shape)
             if need_A:
                 x2 = x2 if ctx.producer is None else rebuild(ctx.producer).reshape(-1, ctx.x_shape[-1])
                 if mask is not None:  # the dropped input is x masked, times the dropout's scale
