@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import lorakit
+import lorakit.fused
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -254,11 +255,10 @@ def step_memory(model: nn.Module, step: Callable[[], object], bare_kb: int = 0) 
     owned |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     saved: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def see(t: torch.Tensor) -> None:
         s = t.untyped_storage()
         if s.data_ptr() not in owned:
             saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
-        return t
 
     cuda = torch.cuda.is_initialized()
     if cuda:
@@ -269,7 +269,7 @@ def step_memory(model: nn.Module, step: Callable[[], object], bare_kb: int = 0) 
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
         before = status_kb("VmRSS")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with lorakit.fused.saved_tensors_observer(see):  # plain hooks would change what lorakit keeps
         step()
     if cuda:
         torch.cuda.synchronize()

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh [STEP ...]   # logs under $OUT (default: gpu-out/)
 #
-# Steps (all by default): test_cuda test_train forward mixed mixed_decode train profile.
+# Steps (all by default): test_cuda test_train forward mixed mixed_decode train saved profile.
 # Runs with the machine's own python3 and packages (torch, transformers, peft); wheels in .whl/
 # (bitsandbytes) are installed to /tmp/site first. Each step has its own time limit, so one that
 # hangs costs only its own slot.
@@ -15,7 +15,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-STEPS=" ${*:-test_cuda test_train forward mixed mixed_decode train profile} "
+STEPS=" ${*:-test_cuda test_train forward mixed mixed_decode train saved profile} "
 step() {  # step NAME SECONDS COMMAND...: if NAME was asked for, run with a limit, log to $OUT/NAME.log
     local name=$1 limit=$2 start=$SECONDS
     shift 2
@@ -37,10 +37,11 @@ step mixed 150 python3 benchmarks/mixed_batch.py --device cuda --adapters 16,64 
 step mixed_decode 120 python3 benchmarks/mixed_batch.py --device cuda --seq 1 --adapters 16,64 --rounds 50,50
 step train 300 python3 benchmarks/train_step.py "${LLAMA_1B[@]}" --batch 8 --seq 512 --rounds 10 --qlora-rounds 5 \
     --variants base,lora,dora,vera,lora-fa,qlora
+step saved 120 python3 benchmarks/saved_activations.py "${LLAMA_1B[@]}" --batch 8 --seq 512 --project-layers 0 --top 4
 step profile 120 python3 benchmarks/profile_step.py "${LLAMA_1B[@]}" --batch 8 --seq 512 --methods lora,vera --steps 2
 for f in test_cuda test_train; do [[ -f $OUT/$f.log ]] && tail -2 "$OUT/$f.log"; done
 grep -h "^#### " "$OUT/profile.log" 2>/dev/null
-for f in forward mixed mixed_decode train; do
+for f in forward mixed mixed_decode train saved; do
     [[ -f $OUT/$f.log ]] && grep -E '^(\||- |#)' "$OUT/$f.log" | grep -v "^- command"
 done
 true

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
 from lorakit.finite import all_finite
-from lorakit.fused import fused_linear
+from lorakit.fused import accepts_base, fused_linear
 from lorakit.kinds_base import LayerKind
 from lorakit.methods import require_mergeable
 from lorakit.methods.base import AdapterMethod
@@ -68,10 +68,10 @@ class AdaptedLayer(nn.Module):
         if self.disabled or self.batch_plan is not None:
             return None
         names = [n for n in self.active if n not in self.merged]
-        if len(names) != 1:
+        if len(names) != 1 or not accepts_base(self.base_layer, x):
             return None
-        factors = self.adapters[names[0]].fused_factors()
-        return None if factors is None else fused_linear(self.base_layer, x, *factors)
+        update = self.adapters[names[0]].fused_update(self.base_layer)
+        return None if update is None else fused_linear(self.base_layer, x, update)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, inplace: bool) -> torch.Tensor:
         rows, rank, own_rows = self.batch_plan

@@ -38,6 +38,8 @@ What it implements (defaults in brackets):
     initialise(init, base_layer, gradient)  fill its tensors for a non-default init [refuse]
     forward(x, base_out, base_layer)      the layer output with its update [base_out + B A x]
     fused_factors()                       (A, B, s) for the one-node training path [from factors]
+    fused_update(base_layer)              the update as the one-node path computes it, vectors and
+                                          output scale included (VeRA, DoRA) [from fused_factors]
     factors(), output_scale(base_layer)   its update as factors (mixable, mergeable, combinable)
     delta_weight()                        its update as an (out, in) matrix, for merging [B A]
     merged_weight / unmerged_weight       W with its update written in / taken out [W ± delta_weight()]
@@ -67,6 +69,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.fused import FusedUpdate
 from lorakit.kinds_base import LayerKind
 from lorakit.structure import structure_changed
 
@@ -224,17 +227,35 @@ class AdapterMethod(nn.Module):
         return self.kind.add_up_(out, self.kind.down(self.dropout(x), A), B)
 
     def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, s) when this adapter's output is exactly the layer input's ``s·B A x`` added to the
-        base output (an additive method, its own forward, no dropout in effect), so the layer may
-        run base and update as one autograd node (:mod:`lorakit.fused`); None otherwise. A method
-        that overrides ``forward`` returns None unless it says otherwise."""
-        if type(self).forward is not AdapterMethod.forward or not self.additive or self.dropout_in_effect():
+        """(A, B, s) when this adapter's output is exactly ``s·B A x̃`` added to the base output, x̃
+        the layer input after this adapter's dropout (an additive method, its own forward), so the
+        layer may run base and update as one autograd node (:mod:`lorakit.fused`); None otherwise.
+        A method that overrides ``forward`` returns None unless it says otherwise."""
+        if type(self).forward is not AdapterMethod.forward or not self.additive:
             return None
         A, B = self.factors()
         return A, B, 1.0
 
+    def fused_update(self, base_layer: nn.Module) -> FusedUpdate | None:
+        """This adapter's update for the one-node training path (:class:`lorakit.fused.FusedUpdate`),
+        or None for the generic path. Called only on a base layer the path accepts. A method whose
+        update carries per-feature vectors (VeRA) or an output scale (DoRA) hands them here, so the
+        node keeps them apart from the factors; others hand :meth:`fused_factors`."""
+        factors = self.fused_factors()
+        p = self.fused_dropout()
+        return None if factors is None or p is None else FusedUpdate(*factors, dropout=p)
+
     def dropout_in_effect(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
+
+    def fused_dropout(self) -> float | None:
+        """The dropout p the one-node path applies for this adapter (0: none in effect), or None
+        when it cannot stand in for ``self.dropout`` (another module, hooks on it)."""
+        if not self.dropout_in_effect():
+            return 0.0
+        module = self.dropout
+        hooked = module._forward_hooks or module._forward_pre_hooks
+        return module.p if type(module) is nn.Dropout and not module.inplace and not hooked else None
 
     # -- the update as factors -----------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

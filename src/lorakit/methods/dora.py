@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorakit.fused import FusedUpdate
 from lorakit.kinds_base import LayerKind
 from lorakit.methods.base import AdapterMethod, PerModule
 from lorakit.methods.lora import LoRA
@@ -86,6 +87,16 @@ class DoRA(LoRA):
         """m = ||W + s·BA|| per output row, so the layer is unchanged at initialisation."""
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.weight_norm(base_layer))
+
+    def fused_update(self, base_layer: nn.Module) -> FusedUpdate | None:
+        """LoRA's update with the output scale c = m / ||W + s·B A||: the one-node path computes
+        c ⊙ (W x + s·B A x) + (1 − c) ⊙ bias as :meth:`forward` does, the norm a constant there too,
+        and keeps the same tensors (x, x Aᵀ and the output before c, which m's gradient needs)."""
+        p = self.fused_dropout()
+        if type(self).forward is not DoRA.forward or p is None or self.offset_A.shape[0]:
+            return None
+        scale = self.lora_magnitude_vector / self.weight_norm(base_layer)
+        return FusedUpdate(self.lora_A, self.lora_B, self.scaling, output_scale=scale, dropout=p)
 
     def forward(
         self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, *, inplace: bool = False

@@ -76,8 +76,8 @@ class LoRA(AdapterMethod):
         return kind.add_up_(out, kind.down(x, A), B)
 
     def fused_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        if type(self).forward is not LoRA.forward or self.dropout_in_effect():
-            return None  # DoRA (its own forward) and dropout take the generic path
+        if type(self).forward is not LoRA.forward:
+            return None  # DoRA (its own forward) hands its own fused_update
         if self.offset_A.shape[0] == 0:
             return self.lora_A, self.lora_B, self.scaling
         A, B = self.factors()

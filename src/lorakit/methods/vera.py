@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterFileError
+from lorakit.fused import FusedUpdate
 from lorakit.kinds_base import LayerKind
 from lorakit.methods.base import AdapterMethod, PerModule
 
@@ -102,10 +103,23 @@ class VeRA(AdapterMethod):
         assert isinstance(shared, VeraProjections)
         return cls(kind, config.r, 1.0, config.dropout, shared, config.options.d_initial)
 
+    def projection_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts of the shared projections this layer uses: A (r, in), B (out, r), views."""
+        return self.projections.vera_A[:, : self.kind.in_features], self.projections.vera_B[: self.kind.out_features, :]
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        A = self.projections.vera_A[:, : self.kind.in_features]
-        B = self.projections.vera_B[: self.kind.out_features, :]
+        A, B = self.projection_slices()
         return self.vera_lambda_d.unsqueeze(1) * A, self.vera_lambda_b.unsqueeze(1) * B
+
+    def fused_update(self, base_layer: nn.Module) -> FusedUpdate | None:
+        """The frozen projections and the two vectors apart: the node folds d and b into weight-sized
+        copies once per call, and since A is frozen it keeps x Aᵀ (tokens × r) for d's gradient
+        instead of x, and forms no (r, in) gradient at all."""
+        p = self.fused_dropout()
+        if type(self).forward is not AdapterMethod.forward or p is None:
+            return None
+        A, B = self.projection_slices()
+        return FusedUpdate(A, B, 1.0, d=self.vera_lambda_d, b=self.vera_lambda_b, dropout=p)
 
     # -- files: PEFT's VeRA ----------------------------------------------------------------------
     # file_tensors / file_copies: the defaults (vera_lambda_b, vera_lambda_d under their own names)
