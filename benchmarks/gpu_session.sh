@@ -28,7 +28,7 @@ nvidia-smi -L
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || true
 
-step test_cuda 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
+step test_cuda 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_cuda_shard.py
 step test_train 150 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_train.py
 
 LLAMA_1B=(--device cuda --dtype bfloat16 --hidden 2048 --layers 16 --intermediate 5632 --heads 32)
