@@ -241,6 +241,18 @@ def _sweep_parser(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from lorakit.plan.command import run
+
+    return run(args)
+
+
+def _plan_parser(parser: argparse.ArgumentParser) -> None:
+    from lorakit.plan.command import add_arguments
+
+    add_arguments(parser)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train an adapter from a YAML file and/or flags", _train_parser, _train),
     "merge": ("merge an adapter into its base and write a plain Hugging Face model folder", _merge_parser, _merge),
@@ -251,6 +263,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "rank": ("choose LoRA ranks from measurements: gradient spectra before training, ΔW spectra and "
              "shrinking after", _rank_parser, _rank),
     "sweep": ("search train settings with Optuna: trials, a leaderboard, the best config", _sweep_parser, _sweep),
+    "plan": ("will a training run fit? memory per device and FLOPs per token, measured on a shape-only model",
+             _plan_parser, _plan),
 }
 
 
