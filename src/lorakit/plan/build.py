@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +30,13 @@ class PlannedModel:
 
 
 def build_planned(source: ModelSource, config: TrainConfig, dtype: torch.dtype, *, num_labels: int = 2,
-                  device: str = "cpu") -> PlannedModel:
-    """``source`` prepared for ``config`` as ``lorakit train`` would, every tensor fake."""
+                  device: str = "cpu", layers: int | None = None) -> PlannedModel:
+    """``source`` prepared for ``config`` as ``lorakit train`` would, every tensor fake; with
+    ``layers``, cut to that many blocks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     causal_lm = config.task == "causal-lm"
-    model = _meta_model(source, causal_lm, dtype, num_labels)
+    model = _meta_model(source, causal_lm, dtype, num_labels, layers)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = 0
     if config.quantize == "nf4":
@@ -44,7 +46,9 @@ def build_planned(source: ModelSource, config: TrainConfig, dtype: torch.dtype, 
     elif config.quantize != "none":
         raise ConfigError(f"lorakit plan models --quantize nf4 only, not {config.quantize}")
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():  # prepare() makes the same call; its deprecation is not the plan's news
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # the meta base meets fake adapters while attaching
     with fake_mode:  # adapters of a meta base are made on the CPU: here, fake CPU tensors
         model = _attach(model, config)
@@ -52,10 +56,13 @@ def build_planned(source: ModelSource, config: TrainConfig, dtype: torch.dtype, 
     return PlannedModel(model.train(), fake_mode, torch.device(device), causal_lm)
 
 
-def _meta_model(source: ModelSource, causal_lm: bool, dtype: torch.dtype, num_labels: int) -> nn.Module:
+def _meta_model(source: ModelSource, causal_lm: bool, dtype: torch.dtype, num_labels: int,
+                layers: int | None) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = copy.deepcopy(source.config)
+    if layers is not None:
+        config.num_hidden_layers = layers
     if not causal_lm:
         config.num_labels = num_labels
     auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
@@ -110,3 +117,34 @@ def _fake_everything(model: nn.Module, fake_mode, device: torch.device) -> None:
             for name, t in table.items():
                 if t is not None and t.device.type == "meta":
                     table[name] = fake_of(t)
+
+
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's blocks: its ModuleList holding the most bytes (the decoder or encoder layers)."""
+    from lorakit.plan.tracker import storage_bytes
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        return None
+    return max(lists, key=lambda m: storage_bytes([*m.parameters(), *m.buffers()]))
+
+
+def identical_blocks(model: nn.Module, config) -> bool:
+    """Whether every block holds the same modules and tensors (no per-layer ranks, adapters on
+    some layers only, or per-layer attention kinds in the config), so a plan may measure a model
+    of a few blocks and extrapolate."""
+    blocks = repeated_blocks(model)
+    layers = getattr(config, "num_hidden_layers", None)
+    if blocks is None or layers is None or len(blocks) != layers:
+        return False
+    per_layer = [v for v in vars(config).values() if isinstance(v, (list, tuple)) and len(v) == layers and layers > 1]
+    if any(len(set(map(str, v))) > 1 for v in per_layer):
+        return False
+
+    def signature(block: nn.Module) -> tuple:
+        tensors = [(n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in
+                   (*block.named_parameters(), *block.named_buffers())]
+        return tuple(tensors), tuple((n, type(m).__name__) for n, m in block.named_modules())
+
+    first = signature(blocks[0])
+    return all(signature(block) == first for block in blocks)

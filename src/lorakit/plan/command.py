@@ -112,9 +112,12 @@ def _positions(config) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from lorakit.plan.planner import make_plan
     from lorakit.plan.report import as_json, describe
 
+    transformers_logging.set_verbosity_error()  # its notes on configs and caches concern real models, not this one
     plan = make_plan(request_from(args))
     print(json.dumps(as_json(plan), indent=2) if args.json else describe(plan))
     return 0

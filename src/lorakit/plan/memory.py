@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorakit.plan.step import StepMeasurement
+from lorakit.plan.step import ExtrapolatedStep, StepMeasurement
 from lorakit.plan.tracker import StaticBytes, storage_bytes
 
 GiB = 2**30
@@ -45,11 +45,12 @@ class Blocks:
 
 def block_bytes(model: nn.Module) -> Blocks:
     """The model's blocks are the children of its largest ModuleList (the decoder or encoder layers)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    from lorakit.plan.build import repeated_blocks
+
+    layers = repeated_blocks(model)
     every = storage_bytes([*model.parameters(), *model.buffers()])
-    if not lists:
+    if layers is None:
         return Blocks(largest=every, root=0)
-    layers = max(lists, key=lambda m: storage_bytes([*m.parameters(), *m.buffers()]))
     sizes = [storage_bytes([*block.parameters(), *block.buffers()]) for block in layers]
     return Blocks(largest=max(sizes), root=every - sum(sizes))
 
@@ -72,7 +73,7 @@ class DeviceMemory:
         return dict(vars(self))
 
 
-def device_memory(static: StaticBytes, step: StepMeasurement, blocks: Blocks, devices: int,
+def device_memory(static: StaticBytes, step: StepMeasurement | ExtrapolatedStep, blocks: Blocks, devices: int,
                   shard: bool) -> DeviceMemory:
     share = 1 / devices if shard else 1.0
     base, adapter = int(static.base * share), int(static.adapter * share)

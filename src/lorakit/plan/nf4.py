@@ -45,6 +45,7 @@ class PlannedLinear4bit(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype
+        self.original_dtype = linear.weight.dtype  # what a dequantised copy comes back as
         n = self.in_features * self.out_features
         blocks = -(-n // BLOCKSIZE)
         device = linear.weight.device
@@ -97,6 +98,10 @@ class PlannedLinear4bitKind(LayerKind):
 
     def __init__(self, module: nn.Module) -> None:
         self.out_features, self.in_features = module.out_features, module.in_features
+
+    def weight_matrix(self, module: nn.Module) -> torch.Tensor:
+        """A fresh dequantised W, as bitsandbytes makes one for DoRA's norms and for merges."""
+        return module.weight.new_empty(self.out_features, self.in_features, dtype=module.original_dtype)
 
 
 register_kind(PlannedLinear4bitKind, linear=True)

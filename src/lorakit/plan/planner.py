@@ -16,7 +16,7 @@ import torch
 
 from lorakit.plan.memory import Blocks, DeviceMemory, block_bytes, device_memory, rows_per_device, usable_bytes
 from lorakit.plan.shapes import ModelSource
-from lorakit.plan.step import StepMeasurement
+from lorakit.plan.step import ExtrapolatedStep, StepMeasurement
 from lorakit.plan.tracker import StaticBytes
 from lorakit.train.config import TrainConfig
 
@@ -49,7 +49,7 @@ class Variant:
     nf4: bool
     static: StaticBytes
     blocks: Blocks
-    step: StepMeasurement
+    step: StepMeasurement | ExtrapolatedStep
     adapted_modules: int
 
     def memory(self, devices: int, shard: bool) -> DeviceMemory:
@@ -84,24 +84,53 @@ class Plan:
         return self.variants[(checkpointing, self.request.train.quantize == "nf4")]
 
 
-def measure(request: PlanRequest, checkpointing: bool, nf4: bool, rows: int | None = None) -> Variant:
-    """Build the model for ``request`` with these two settings and measure one step of ``rows``."""
-    from lorakit.plan.build import build_planned
-    from lorakit.plan.step import full_batch, measure_step
+# A model of identical blocks is measured cut to these block counts and extrapolated (ExtrapolatedStep).
+CUT_LAYERS = (2, 3, 4)
+
+
+def measure(request: PlanRequest, checkpointing: bool, nf4: bool, rows: int | None = None,
+            extrapolate: bool = True) -> Variant:
+    """Build the model for ``request`` with these two settings and measure one step of ``rows``.
+
+    The whole model gives the static bytes; the step runs on the whole model, or, when its blocks
+    are identical, on two cut copies whose figures extrapolate exactly (seconds instead of minutes
+    for a 70B model).
+    """
+    from lorakit.plan.build import build_planned, identical_blocks
+    from lorakit.plan.step import ExtrapolatedStep
     from lorakit.plan.tracker import static_bytes
 
     train = dataclasses.replace(request.train, gradient_checkpointing=checkpointing,
                                 quantize="nf4" if nf4 else "none")
-    planned = build_planned(request.source, train, request.dtype)
+    whole = build_planned(request.source, train, request.dtype)
+    static, blocks = static_bytes(whole.model), block_bytes(whole.model)
+    adapted = getattr(whole.model, "adapted_layers", None)
+    modules = len(adapted()) if callable(adapted) else 0
+    layers = getattr(request.source.config, "num_hidden_layers", 0)
+    step = None
+    if extrapolate and layers > CUT_LAYERS[-1] and identical_blocks(whole.model, request.source.config):
+        cut = ExtrapolatedStep({n: _step(request, build_planned(request.source, train, request.dtype, layers=n), train,
+                                         rows) for n in CUT_LAYERS}, layers)
+        shares = (1.0, 1 / request.devices) if request.devices > 1 else (1.0,)
+        step = cut if cut.consistent(shares) else None
+    if step is None:  # blocks that differ, or figures that do not grow evenly with the blocks
+        step = _step(request, whole, train, rows)
+    return Variant(checkpointing, nf4, static, blocks, step, modules)
+
+
+def _step(request: PlanRequest, planned, train: TrainConfig, rows: int | None):
+    import warnings
+
+    from lorakit.plan.step import full_batch, measure_step
+
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if request.autocast else torch.autocast("cpu",
                                                                                                   enabled=False)
-    adapted = getattr(planned.model, "adapted_layers", None)
-    with planned.fake_mode:
+    with planned.fake_mode, warnings.catch_warnings():
+        # DoRA keys its norm cache on data_ptr(), which fake tensors answer with a warning (and 0)
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         batch = full_batch(rows or request.rows, request.length, planned.causal_lm, planned.device, mask=False)
-        step = measure_step(planned.model, batch, autocast, max_grad_norm=train.max_grad_norm,
+        return measure_step(planned.model, batch, autocast, max_grad_norm=train.max_grad_norm,
                             foreach=request.device_type == "cuda")
-    return Variant(checkpointing, nf4, static_bytes(planned.model), block_bytes(planned.model), step,
-                   len(adapted()) if callable(adapted) else 0)
 
 
 def make_plan(request: PlanRequest) -> Plan:
@@ -190,24 +219,23 @@ def _fewer_rows(plan: Plan, setting: tuple[bool, bool, bool], usable: int, varia
                                   text=text)
         rows = fitting
     one_row = _scaled(measured, 1, request.devices, shard)
-    needed = _devices_needed(measured, usable, one_row)
-    text = (f"does not fit on {request.devices} × {request.device_memory / 2**30:.0f} GiB even at one row per device"
+    needed = _devices_needed(measured, usable)
+    unit = "GPU" if request.device_type == "cuda" else "device"
+    text = (f"does not fit on {request.devices} {unit}{'s' if request.devices > 1 else ''} of "
+            f"{request.device_memory / 2**30:.0f} GiB even at one row per {unit}"
             + (f" with {' + '.join(flags)}" if flags else ""))
     if needed is not None:
-        text += f"; sharded (--shard) it needs at least {needed} such devices"
+        text += f"; sharded (--shard) over {needed} such {unit}s it would"
     return Recommendation(False, flags, one_row.total, usable, 1, devices_needed=needed, text=text)
 
 
 def _scaled(variant: Variant, rows: int, devices: int, shard: bool) -> DeviceMemory:
-    """The memory at ``rows`` rows, the step's activations and temporaries scaled from the measured rows
-    (they grow with the rows; gradients and weights do not)."""
-    ratio = rows / variant.step.rows
-    step = dataclasses.replace(variant.step, activations=int(variant.step.activations * ratio),
-                               other=[int(o * ratio) for o in variant.step.other])
-    return device_memory(variant.static, step, variant.blocks, devices, shard)
+    """The memory at ``rows`` rows, scaled from the measured ones (``StepMeasurement.with_rows``)."""
+    return device_memory(variant.static, variant.step.with_rows(rows), variant.blocks, devices, shard)
 
 
-def _devices_needed(variant: Variant, usable: int, one_row: DeviceMemory) -> int | None:
+def _devices_needed(variant: Variant, usable: int) -> int | None:
+    """The fewest devices (powers of two) that hold the step at one row each, sharded."""
     for devices in (2, 4, 8, 16, 32, 64, 128, 256, 512):
         if _scaled(variant, 1, devices, True).total <= usable:
             return devices

@@ -10,6 +10,7 @@ and an AdamW step that already has its state (as from the second step on).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lorakit.plan.tracker import LiveBytes, SavedBytes
 
 aten = torch.ops.aten
+
+
+PHASES = ("forward", "backward", "optimizer")
 
 
 @dataclass
@@ -33,15 +37,98 @@ class StepMeasurement:
     flops: int  # forward + backward (+ recomputation under checkpointing) of the micro-batch
     other: list[int] = field(repr=False, default_factory=list)  # live bytes after each event, gradients apart
     grads: list[int] = field(repr=False, default_factory=list)  # live gradient bytes after each event
+    phase_ends: tuple[int, int] = (0, 0)  # events before the backward, and before the optimizer step
 
-    def peak(self, grad_share: float = 1.0) -> int:
-        """The step's highest live bytes above the weights and optimizer state, with gradients
-        counted at ``grad_share`` (1/N when N devices shard them)."""
-        return int(max((o + grad_share * g for o, g in zip(self.other, self.grads, strict=True)), default=0))
+    def peak(self, grad_share: float = 1.0, phase: str | None = None) -> int:
+        """The highest live bytes above the weights and optimizer state (in one phase of the step,
+        or in all), gradients counted at ``grad_share`` (1/N when N devices shard them)."""
+        if phase is None:
+            return max(self.peak(grad_share, name) for name in PHASES)
+        bounds = (0, *self.phase_ends, len(self.other))
+        lo, hi = bounds[PHASES.index(phase)], bounds[PHASES.index(phase) + 1]
+        return int(max((o + grad_share * g for o, g in zip(self.other[lo:hi], self.grads[lo:hi], strict=True)),
+                       default=0))
 
-    def grads_at_peak(self) -> int:
-        best = max(range(len(self.other)), key=lambda i: self.other[i] + self.grads[i], default=None)
-        return 0 if best is None else self.grads[best]
+    def with_rows(self, rows: int) -> StepMeasurement:
+        """This step at another number of rows: activations and temporaries grow with the rows
+        (every tensor they hold has a row or token dimension); gradients do not."""
+        ratio = rows / self.rows
+        return dataclasses.replace(self, rows=rows, activations=int(self.activations * ratio),
+                                   saved=int(self.saved * ratio), flops=int(self.flops * ratio),
+                                   other=[int(o * ratio) for o in self.other])
+
+
+def _affine(points: list[tuple[int, float]], at: int) -> float:
+    (x0, y0), (x1, y1) = points[-2:]
+    return y0 + (y1 - y0) * (at - x0) / (x1 - x0)
+
+
+@dataclass
+class ExtrapolatedStep:
+    """A step of a model of ``layers`` identical blocks, from steps measured on the same model cut
+    to a few blocks (``measured``: block count → measurement, at least three counts).
+
+    Each block adds the same tensors, so within a phase of the step (forward, backward, optimizer)
+    every figure is affine in the number of blocks: a first and last block's extras and the head's
+    are in the intercept, and the phase's highest point falls at the same place in each (the end of
+    the forward, where the loss is computed; the start of the backward, or its end for a fully
+    trained model). The phases' slopes differ (a forward's peak also holds what the model's
+    output keeps until the loss is computed), so each phase extrapolates on its own and the peak
+    is the highest. :func:`consistent` checks the affinity on the three counts before a plan uses it.
+    """
+
+    measured: dict[int, StepMeasurement]
+    layers: int
+
+    def _at(self, figure) -> int:
+        points = sorted((n, float(figure(m))) for n, m in self.measured.items())
+        return round(_affine(points, self.layers))
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.measured.values())).rows
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.measured.values())).length
+
+    @property
+    def activations(self) -> int:
+        return self._at(lambda m: m.activations)
+
+    @property
+    def saved(self) -> int:
+        return self._at(lambda m: m.saved)
+
+    @property
+    def optimizer_state(self) -> int:
+        return self._at(lambda m: m.optimizer_state)
+
+    @property
+    def flops(self) -> int:
+        return self._at(lambda m: m.flops)
+
+    def peak(self, grad_share: float = 1.0, phase: str | None = None) -> int:
+        if phase is None:
+            return max(self.peak(grad_share, name) for name in PHASES)
+        return self._at(lambda m: m.peak(grad_share, phase))
+
+    def with_rows(self, rows: int) -> ExtrapolatedStep:
+        return ExtrapolatedStep({n: m.with_rows(rows) for n, m in self.measured.items()}, self.layers)
+
+    def consistent(self, grad_shares: tuple[float, ...] = (1.0,)) -> bool:
+        """Whether the first two block counts predict the third exactly (to 0.1 %) for every figure."""
+        points = sorted(self.measured.items())
+        if len(points) < 3:
+            return False
+        (n0, a), (n1, b), (n2, c) = points[:3]
+        figures = [lambda m: m.activations, lambda m: m.flops, lambda m: m.optimizer_state]
+        figures += [lambda m, s=s, p=p: m.peak(s, p) for s in grad_shares for p in PHASES]
+        for figure in figures:
+            predicted = _affine([(n0, figure(a)), (n1, figure(b))], n2)
+            if abs(predicted - figure(c)) > 1e-3 * max(abs(figure(c)), 1):
+                return False
+        return True
 
 
 class _ShapeOnlyScalars(TorchDispatchMode):
@@ -177,4 +264,4 @@ def measure_step(model: nn.Module, batch: dict[str, torch.Tensor], autocast, *, 
 
     return StepMeasurement(rows=rows, length=length, activations=other[after_forward] if other else 0,
                            saved=saved.total, optimizer_state=storage_bytes(state), flops=flops.total,
-                           other=other, grads=grads)
+                           other=other, grads=grads, phase_ends=(live.marks["forward"], live.marks["backward"]))

@@ -38,7 +38,7 @@ class StaticBytes:
     adapter: int  # every tensor the adapters hold (trainable or not) and trained head copies
     trainable: int  # bytes of the parameters that receive gradients: what their gradients take
     trainable_params: int
-    base_params: int  # parameters of the base model, as lorakit reports "all params" minus the adapters'
+    base_params: int  # parameters of the base model (an NF4 weight counts its out × in values, not its bytes)
 
 
 def static_bytes(model: nn.Module) -> StaticBytes:
@@ -62,10 +62,13 @@ def static_bytes(model: nn.Module) -> StaticBytes:
     adapter = [t for i, t in every.items() if i in adapter_ids]
     base = [t for i, t in every.items() if i not in adapter_ids]
     trainable = [p for p in model.parameters() if p.requires_grad]
+    from lorakit.plan.nf4 import PlannedLinear4bit
+
+    packed = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, PlannedLinear4bit)}
     return StaticBytes(
         base=storage_bytes(base), adapter=storage_bytes(adapter), trainable=storage_bytes(trainable),
         trainable_params=sum(p.numel() for p in trainable),
-        base_params=sum(t.numel() for t in base if isinstance(t, nn.Parameter)))
+        base_params=sum(packed.get(id(t), t.numel()) for t in base if isinstance(t, nn.Parameter)))
 
 
 class LiveBytes(TorchDispatchMode):
