@@ -179,14 +179,15 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
 def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_backward_flop_count
 
-    causal = kwargs.get("is_causal", args[4] if len(args) > 4 else False)
+    causal = kwargs.get("is_causal", args[3] if len(args) > 3 else False)  # after out, logsumexp, dropout_p
     return sdpa_backward_flop_count(grad_out, query, key, value) // (2 if causal else 1)
 
 
 class FlopCount(TorchDispatchMode):
     """FLOPs of the matrix products, convolutions and attention that run, by torch's formulas
-    (``torch.utils.flop_counter``), plus the CPU flash attention they do not list. A causal mask
-    halves attention's S² products, as causal kernels skip the masked half.
+    (``torch.utils.flop_counter``), plus what they do not list: the CPU flash attention and the
+    in-place accumulating products (``addmm_``, ``baddbmm_``) lorakit's adapters add their update
+    with. A causal mask halves attention's S² products, as causal kernels skip the masked half.
 
     torch's own FlopCounterMode also tracks modules with hooks, which keep the tensors a
     gradient-checkpointing recomputation makes alive (300 MiB instead of 86 MiB measured in
@@ -198,6 +199,7 @@ class FlopCount(TorchDispatchMode):
         from torch.utils.flop_counter import flop_registry, shape_wrapper
 
         self.formulas = {**flop_registry,
+                         aten.addmm_: flop_registry[aten.addmm], aten.baddbmm_: flop_registry[aten.baddbmm],
                          aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_cpu_attention_flops),
                          aten._scaled_dot_product_flash_attention_for_cpu_backward:
                              shape_wrapper(_cpu_attention_backward_flops)}
