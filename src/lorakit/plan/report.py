@@ -38,7 +38,7 @@ def describe(plan: Plan) -> str:
         f"trainable; {'bf16 autocast' if request.autocast else 'no autocast'}",
         f"  step: {train.batch_size} × {request.length} tokens (--batch-size {train.batch_size}"
         + (f", --grad-accum {train.grad_accum}" if train.grad_accum > 1 else "")
-        + f"): {request.rows} rows per device at once; on {where}",
+        + f"): {request.rows} row{'s' if request.rows > 1 else ''} per device at once; on {where}",
         "",
         f"  {'per device':<50}{'without checkpointing':>22}{'with checkpointing':>22}",
     ]

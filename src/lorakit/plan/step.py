@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorakit.plan.tracker import LiveBytes, SavedBytes
+from lorakit.plan.tracker import LiveBytes, SavedBytes, storage_bytes
 
 aten = torch.ops.aten
 
@@ -262,8 +262,6 @@ def measure_step(model: nn.Module, batch: dict[str, torch.Tensor], autocast, *, 
     other, grads = live.timeline(grad_tokens - {None})
     after_forward = live.marks["forward"] - 1
     rows, length = batch["input_ids"].shape
-    from lorakit.plan.tracker import storage_bytes
-
     return StepMeasurement(rows=rows, length=length, activations=other[after_forward] if other else 0,
                            saved=saved.total, optimizer_state=storage_bytes(state), flops=flops.total,
                            other=other, grads=grads, phase_ends=(live.marks["forward"], live.marks["backward"]))
