@@ -185,7 +185,7 @@ def recommend(plan: Plan) -> Recommendation:
         total = variant(checkpointing, nf4).memory(request.devices, shard).total
         if total <= usable:
             flags = _flags(request, setting)
-            text = "fits as given" if not flags else "needs " + " + ".join(flags)
+            text = ("fits as given" if not flags else "needs " + " + ".join(flags)) + f": {_gib(total)} per device"
             return Recommendation(True, flags, total, usable, request.rows, text=text)
     return _fewer_rows(plan, _candidates(request)[-1], usable, variant)
 
@@ -214,7 +214,7 @@ def _fewer_rows(plan: Plan, setting: tuple[bool, bool, bool], usable: int, varia
             text = (f"does not fit at {request.rows} rows per device; "
                     + (f"with {' + '.join(flags)}, " if flags else "")
                     + f"{fitting} rows per device fit: --grad-accum {accum} (same --batch-size "
-                    f"{request.train.batch_size})")
+                    f"{request.train.batch_size}): {_gib(total)} per device")
             return Recommendation(False, [*flags, f"--grad-accum {accum}"], total, usable, fitting, grad_accum=accum,
                                   text=text)
         rows = fitting
@@ -223,10 +223,15 @@ def _fewer_rows(plan: Plan, setting: tuple[bool, bool, bool], usable: int, varia
     unit = "GPU" if request.device_type == "cuda" else "device"
     text = (f"does not fit on {request.devices} {unit}{'s' if request.devices > 1 else ''} of "
             f"{request.device_memory / 2**30:.0f} GiB even at one row per {unit}"
-            + (f" with {' + '.join(flags)}" if flags else ""))
+            + (f" with {' + '.join(flags)}" if flags else "") + f" ({_gib(one_row.total)} each)")
     if needed is not None:
-        text += f"; sharded (--shard) over {needed} such {unit}s it would"
+        needed_memory = _scaled(measured, 1, needed, True).total
+        text += f"; sharded (--shard) over {needed} such {unit}s it would ({_gib(needed_memory)} each)"
     return Recommendation(False, flags, one_row.total, usable, 1, devices_needed=needed, text=text)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def _scaled(variant: Variant, rows: int, devices: int, shard: bool) -> DeviceMemory:

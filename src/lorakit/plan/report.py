@@ -63,7 +63,7 @@ def describe(plan: Plan) -> str:
                  f"{on.flops_per_token() / 1e9:>17.2f} GFLOP")
     lines += [
         "",
-        f"recommendation: {plan.recommendation.text} ({_gib(plan.recommendation.total)} per device)",
+        f"recommendation: {plan.recommendation.text}",
         f"  usable = {request.device_memory / GiB:.2f} GiB − {100 * FRAGMENTATION:.0f}% (allocator fragmentation)"
         f" − {CONTEXT_BYTES / GiB:.0f} GiB ({'CUDA context' if request.device_type == 'cuda' else 'process'}) "
         f"= {_gib(usable)}",
