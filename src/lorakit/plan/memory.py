@@ -23,6 +23,11 @@ CONTEXT_BYTES = GiB  # the CUDA context and the allocator's own reserve, per dev
 FRAGMENTATION = 0.10  # share of the device's memory the caching allocator cannot hand out
 
 
+def format_bytes(n: float) -> str:
+    """Bytes in GiB, or MiB below one GiB (small models print more than zeros)."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 def usable_bytes(device_bytes: int) -> int:
     """What a training step may use of a device: its memory less the context and fragmentation allowance."""
     return int(device_bytes * (1 - FRAGMENTATION)) - CONTEXT_BYTES

@@ -104,12 +104,11 @@ class PlannedLinear4bitKind(LayerKind):
         return module.weight.new_empty(self.out_features, self.in_features, dtype=module.original_dtype)
 
 
-register_kind(PlannedLinear4bitKind, linear=True)
-
-
 def quantize_planned(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
     """Swap the layers ``quantize_model`` would quantise (every exact nn.Linear but the output heads)
-    for stand-ins, in place; returns how many."""
+    for stand-ins, in place; returns how many. The stand-in's kind is registered on first use (it
+    matches nothing else), so "all-linear" picks the stand-ins as it picks bitsandbytes' layers."""
+    register_kind(PlannedLinear4bitKind, linear=True)
     heads = output_head_names(model)
     chosen = [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in heads]
     for name in chosen:

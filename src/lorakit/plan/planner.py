@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lorakit.plan.memory import Blocks, DeviceMemory, block_bytes, device_memory, rows_per_device, usable_bytes
+from lorakit.plan.memory import format_bytes as _gib
 from lorakit.plan.shapes import ModelSource
 from lorakit.plan.step import ExtrapolatedStep, StepMeasurement
 from lorakit.plan.tracker import StaticBytes
@@ -228,10 +229,6 @@ def _fewer_rows(plan: Plan, setting: tuple[bool, bool, bool], usable: int, varia
         needed_memory = _scaled(measured, 1, needed, True).total
         text += f"; sharded (--shard) over {needed} such {unit}s it would ({_gib(needed_memory)} each)"
     return Recommendation(False, flags, one_row.total, usable, 1, devices_needed=needed, text=text)
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 def _scaled(variant: Variant, rows: int, devices: int, shard: bool) -> DeviceMemory:

@@ -7,13 +7,14 @@ from typing import Any
 import torch
 
 from lorakit.plan.memory import CONTEXT_BYTES, FRAGMENTATION, GiB
+from lorakit.plan.memory import format_bytes as _gib
 from lorakit.plan.planner import Plan
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
+def _flops(n: float) -> str:
+    return f"{n / 1e9:.2f} GFLOP" if n >= 1e9 else f"{n / 1e6:.2f} MFLOP"
 
 
 def _count(n: int) -> str:
@@ -31,9 +32,10 @@ def describe(plan: Plan) -> str:
     unit = "GPU" if request.device_type == "cuda" else "CPU"
     where = (f"{request.devices} {unit}{'s' if request.devices > 1 else ''} of {request.device_memory / GiB:.0f} GiB"
              + (", sharded (FSDP)" if request.shard else ", data parallel" if request.devices > 1 else ""))
-    method = train.method if train.method in ("full", "head") else f"{train.method} r={train.rank} on {train.targets}"
+    method = {"full": "every weight trained", "head": "the classification head trained"}.get(
+        train.method, f"{train.method} r={train.rank} on {train.targets} ({off.adapted_modules} modules)")
     lines = [
-        f"lorakit plan: {request.source.name} ({train.task}), {method} ({off.adapted_modules} modules)",
+        f"lorakit plan: {request.source.name} ({train.task}), {method}",
         f"  base {base_kind}, {_count(off.static.base_params)} params; {_count(off.static.trainable_params)} "
         f"trainable; {'bf16 autocast' if request.autocast else 'no autocast'}",
         f"  step: {train.batch_size} × {request.length} tokens (--batch-size {train.batch_size}"
@@ -59,8 +61,8 @@ def describe(plan: Plan) -> str:
                  f"{_gib(memory[True].total):>22}")
     lines.append(f"  {'fits in ' + _gib(usable) + ' usable?':<50}{_yes(memory[False].total <= usable):>22}"
                  f"{_yes(memory[True].total <= usable):>22}")
-    lines.append(f"  {'FLOPs per token (forward + backward)':<50}{off.flops_per_token() / 1e9:>17.2f} GFLOP"
-                 f"{on.flops_per_token() / 1e9:>17.2f} GFLOP")
+    lines.append(f"  {'FLOPs per token (forward + backward)':<50}{_flops(off.flops_per_token()):>22}"
+                 f"{_flops(on.flops_per_token()):>22}")
     lines += [
         "",
         f"recommendation: {plan.recommendation.text}",
