@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = int if name in ("rank", "batch_size", "grad_accum", "max_length") else kind
         default = "from the model" if name == "task" else f"min({DEFAULT_LENGTH}, the model's positions)" \
             if name == "max_length" else defaults[name]
-        text = f"{comments.get(name, '')} (default: {default})".replace("%", "%%")
+        comment = "tokens per example; a plan fills every row" if name == "max_length" else comments.get(name, "")
+        text = f"{comment} (default: {default})".replace("%", "%%")
         train.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text, metavar=name.upper())
     plan = parser.add_argument_group("where it runs")
     plan.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
