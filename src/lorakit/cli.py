@@ -247,8 +247,20 @@ def _export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from lorakit.plan.command import run
+
+    return run(args)
+
+
 def _export_parser(parser: argparse.ArgumentParser) -> None:
     from lorakit.export.command import add_arguments
+
+    add_arguments(parser)
+
+
+def _plan_parser(parser: argparse.ArgumentParser) -> None:
+    from lorakit.plan.command import add_arguments
 
     add_arguments(parser)
 
@@ -265,6 +277,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "sweep": ("search train settings with Optuna: trials, a leaderboard, the best config", _sweep_parser, _sweep),
     "export": ("write an adapter as a plain PEFT LoRA that vLLM, SGLang, LoRAX and TGI serve", _export_parser,
                _export),
+    "plan": ("will a training run fit? memory per device and FLOPs per token, measured on a shape-only model",
+             _plan_parser, _plan),
 }
 
 
