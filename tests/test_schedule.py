@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import BERT, write_classification
 
 import lorakit
@@ -166,3 +167,18 @@ def test_the_causal_lm_loss_is_transformers_own_on_the_same_labels():
     expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert units == (labels[:, 1:] != IGNORE).sum().item() == 4 + 4
     torch.testing.assert_close(total / units, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_training_loss_of_a_causal_lm_keeps_no_kv_cache():
+    """A cache would hold every layer's keys and values until the loss is computed (memory for nothing)."""
+    from model_zoo import tiny_llama
+
+    from lorakit.train.loop import batch_loss
+
+    model = tiny_llama()
+    assert model.config.use_cache  # transformers' default: the loss path must turn it off itself
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(out.past_key_values))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    loss, units = batch_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    assert seen == [None] and units == 14 and loss.item() > 0

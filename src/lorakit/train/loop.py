@@ -46,6 +46,8 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     position_ids (and a 4D attention mask): see :mod:`lorakit.train.packing`."""
     labels = batch["labels"]
     extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    if labels.dim() == 2:  # a causal LM: no KV cache, which would hold every layer's keys until the loss
+        extra["use_cache"] = False
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     logits = out.logits if hasattr(out, "logits") else out[0]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32; float64 stays
