@@ -49,6 +49,10 @@ class DoRA(LoRA):
         self._norm_key: tuple | None = None
         self._norm: torch.Tensor | None = None
         self._merged_norm: torch.Tensor | None = None
+        # The norm is reused while the version counters of W, A and B are unchanged. FSDP
+        # (``lorakit train --shard``) refills its gathered copies of them in place without bumping
+        # those counters, so sharding turns the reuse off (:func:`lorakit.train.sharding.shard_model`).
+        self.reuse_norm_by_version = True
 
     def attach(self, base_layer: nn.Module) -> None:
         if base_layer.weight.device.type != "meta":  # a meta base has no norms to read
@@ -118,8 +122,8 @@ class DoRA(LoRA):
         W = self.kind.weight_matrix(base_layer)
         # A quantised base dequantises W afresh on every call; made under inference_mode, that copy
         # has no version counter, and there is nothing to cache against anyway.
-        key = None if W.is_inference() else (W.data_ptr(), W._version, self.lora_A._version, self.lora_B._version,
-                                              self.scaling)
+        key = None if W.is_inference() or not self.reuse_norm_by_version else (
+            W.data_ptr(), W._version, self.lora_A._version, self.lora_B._version, self.scaling)
         if key is not None and key == self._norm_key and self._norm is not None and self._norm.device == W.device:
             return self._norm
         A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling

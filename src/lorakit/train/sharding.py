@@ -105,6 +105,9 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module
         raise ConfigError("--shard found no repeated blocks to shard in this model (no _no_split_modules and no "
                           "list of identical layers); train it without --shard")
     _keep_quantisation_state(model, device)
+    for module in model.modules():  # caches keyed by version counters, which FSDP's refills leave unchanged
+        if hasattr(module, "reuse_norm_by_version"):
+            module.reuse_norm_by_version = False
     mesh = init_device_mesh(device.type, (world,))
     for block in blocks:
         fully_shard(block, mesh=mesh)
