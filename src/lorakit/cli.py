@@ -282,6 +282,17 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless the default is None (the help then says
+    what happens) or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import lorakit
 
@@ -290,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (text, configure, _) in COMMANDS.items():
         configure(sub.add_parser(name, help=text, description=text,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter
+                                 formatter_class=DefaultsHelp
                                  if name != "train" else argparse.HelpFormatter))
     return parser
 
