@@ -126,6 +126,8 @@ def test_sharded_two_ranks_match_one_process(tmp_path, one_process, base):
     line = next(t for t in done.stdout.splitlines() if t.startswith("--shard: 2 process(es), each holding 1/2"))
     held, whole = (float(x) for x in re.search(r"([\d.]+) of ([\d.]+) KiB", line.replace(",", "")).groups())
     assert 0.45 < held / whole < 0.55, line  # each rank holds half of every weight (rounded up per tensor)
+    # without NF4, rank 1 builds the base's shapes only and receives its shards from rank 0
+    assert line.endswith("; the base was read by rank 0 only") == (base != "nf4"), line
     assert_same_adapter(tensors(out), tensors(one_process["runs"][base]))
     # checkpoints hold whole tensors, in an unsharded run's layout
     checkpoint = torch.load(sorted((out / "checkpoints").glob("step-*.pt"))[-1], weights_only=False)

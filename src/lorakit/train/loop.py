@@ -81,7 +81,10 @@ class Trainer:
         self.on_evaluation = on_evaluation  # sees each evaluation's metrics record; may raise to end the run
         self.dist = Distributed.from_env(shard=config.shard)
         torch.manual_seed(config.seed)
-        self.prepared: Prepared = prepare(config)  # every input check happens here, before any write
+        # --shard on several processes: only rank 0 reads the base; the others build its shapes
+        self.rank0_reads = sharding.rank0_reads_weights(self.dist.shard, self.dist.world, config.quantize, config.init)
+        # every input check happens here, before any write
+        self.prepared: Prepared = prepare(config, shapes_only=self.rank0_reads and not self.dist.is_main)
         # config.yaml records the length examples were cut at, chosen from the data or given, so
         # `lorakit eval` and a resumed run (which chooses it again from the same data) use it too
         config.max_length = self.prepared.length.tokens
@@ -91,15 +94,22 @@ class Trainer:
         self.device = self.dist.device
         # sharding moves each parameter's shard to the device itself: the whole model never has to fit there
         self.model = self.prepared.model if self.dist.shard else self.prepared.model.to(self.device)
+        whole = None
+        if self.rank0_reads:
+            sharding.take_rank0_layout(self.model, self.dist.rank)
+            whole = sharding.whole_tensors(self.model) if self.dist.is_main else None
+        self.forward_model = self.dist.wrap(self.model)  # FSDP replaces the parameters: collect them after
+        if self.rank0_reads:
+            sharding.fill_from_rank0(self.model, whole, self.device)
+            del whole  # rank 0's whole copy: from here each rank holds its shard only
         # --pack: refused here, before any write, for a model whose attention cannot keep examples apart
         self.packer = packing.Packer.for_model(self.model, self.outputs.max_length_used,
                                                self.prepared.pad_id) if config.pack else None
-        self.forward_model = self.dist.wrap(self.model)  # FSDP replaces the parameters: collect them after
         if self.dist.shard:
-            held, whole = sharding.parameter_bytes(self.model)
+            held, total = sharding.parameter_bytes(self.model)
             self.outputs.say(f"--shard: {self.dist.world} process(es), each holding 1/{self.dist.world} of every "
-                             f"weight (FSDP2, one unit per block): {held / 2**10:,.1f} of {whole / 2**10:,.1f} KiB of "
-                             "parameters here")
+                             f"weight (FSDP2, one unit per block): {held / 2**10:,.1f} of {total / 2**10:,.1f} KiB of "
+                             "parameters here" + ("; the base was read by rank 0 only" if self.rank0_reads else ""))
         elif config.shard:
             self.outputs.say("--shard: one process, not under torchrun: nothing to split, training unsharded")
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]

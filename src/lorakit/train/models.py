@@ -118,12 +118,24 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-def load_model(spec: str, task: str, num_labels: int | None = None, seed: int = 0) -> nn.Module:
-    """The base model for ``task``; random weights come from ``seed``."""
+def load_model(spec: str, task: str, num_labels: int | None = None, seed: int = 0,
+               shapes_only: bool = False) -> nn.Module:
+    """The base model for ``task``; random weights come from ``seed``. ``shapes_only``: built on
+    the meta device from its config, no weights read (a sharded run's other ranks, whose values
+    come from rank 0)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder = resolve_model_dir(spec)
     torch.manual_seed(seed)
+    if shapes_only:
+        from transformers import AutoConfig
+
+        config = random_config(spec) if folder is None else AutoConfig.from_pretrained(folder)
+        if task == "classify":
+            config.num_labels = num_labels
+        with torch.device("meta"):
+            auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+            return auto.from_config(config)
     if task == "classify":
         if folder is None:
             config = random_config(spec)

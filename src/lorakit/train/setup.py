@@ -46,12 +46,15 @@ class Prepared:
     sources: list[dict[str, Any]] | None = None  # a data mix: how many rows each source gave (summary.json)
 
 
-def prepare(config: TrainConfig) -> Prepared:
+def prepare(config: TrainConfig, shapes_only: bool = False) -> Prepared:
+    """Data, tokenizer and the adapted model of a run. ``shapes_only``: the base is built on the
+    meta device (a sharded run's rank > 0, filled from rank 0 after sharding)."""
     tokenizer = load_tokenizer(config.model)
     fit = {"train": B.Fit(), "eval": B.Fit()}
     sources: list[dict[str, Any]] = []
     train, evaluation, label_names, length = _data(config, tokenizer, fit, sources)
-    model = load_model(config.model, config.task, num_labels=len(label_names or []) or None, seed=config.seed)
+    model = load_model(config.model, config.task, num_labels=len(label_names or []) or None, seed=config.seed,
+                       shapes_only=shapes_only)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id

@@ -115,6 +115,72 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module
     return model
 
 
+# Inits that read no base weight: the other ranks can build their adapters on a shapes-only base.
+INITS_WITHOUT_WEIGHTS = ("default", "gaussian")
+
+
+def rank0_reads_weights(shard: bool, world: int, quantize: str, init: str) -> bool:
+    """Whether only rank 0 reads the base: the other ranks build it on the meta device and receive
+    their shards from rank 0 after sharding, so host memory holds one copy, not one per process.
+    Not for an NF4 base (bitsandbytes quantises real weights; each rank quantises its own copy)
+    nor for inits that read W (PiSSA, gradient-SVD)."""
+    return shard and world > 1 and quantize == "none" and init in INITS_WITHOUT_WEIGHTS
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(model.named_parameters()) + list(model.named_buffers())
+
+
+def take_rank0_layout(model: nn.Module, rank: int) -> None:
+    """Give every meta tensor of a shapes-only model rank 0's dtype, after checking that both
+    sides hold the same tensors with the same shapes (a collective: every rank calls it before
+    sharding). The meta model was built from the config, whose dtype may differ from the one
+    rank 0 loaded the weights in."""
+    import torch.distributed as dist
+
+    layout = [[(name, t.dtype, tuple(t.shape)) for name, t in _named_tensors(model)] if rank == 0 else None]
+    dist.broadcast_object_list(layout, src=0)
+    mine = _named_tensors(model)
+    theirs = layout[0]
+    if [(n, s) for n, _, s in theirs] != [(n, tuple(t.shape)) for n, t in mine]:
+        raise ConfigError("--shard: this rank's model does not have rank 0's tensors (a model folder that "
+                          "differs between machines?)")
+    for (name, dtype, _), (_, tensor) in zip(theirs, mine, strict=True):
+        if tensor.device.type == "meta" and tensor.dtype != dtype:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, leaf, nn.Parameter(tensor.to(dtype), requires_grad=tensor.requires_grad))
+            else:
+                module._buffers[leaf] = tensor.to(dtype)
+
+
+def whole_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rank 0's parameters and buffers by name, kept before sharding to send to the other ranks."""
+    return {name: t.detach() for name, t in _named_tensors(model)}
+
+
+def fill_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """After sharding: rank 0 sends each tensor whole, one at a time; every rank keeps its shard
+    (parameters) or the whole (buffers). ``whole`` is rank 0's :func:`whole_tensors`, None elsewhere,
+    where the shapes-only model is first given real (uninitialised) storage."""
+    import torch.distributed as dist
+
+    if whole is None:
+        model.to_empty(device=device)
+    with torch.no_grad():
+        for name, tensor in _named_tensors(model):
+            if whole is not None:
+                sent = whole[name].to(device)
+            else:
+                sent = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+            dist.broadcast(sent, src=0)
+            if is_sharded(tensor):
+                tensor.to_local().copy_(_local_part(sent, tensor))
+            else:
+                tensor.copy_(sent)
+
+
 def parameter_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of parameters this process holds, bytes of the whole parameters): what sharding saved."""
     local = whole = 0
