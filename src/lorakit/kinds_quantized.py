@@ -154,6 +154,8 @@ def base_fingerprint(module: nn.Module) -> dict | None:
     recorded it, so its adapters load onto the original base; otherwise its dequantised weight.
     """
     kind = quantized_kind(module)
+    if kind is not None and module.weight.device.type == "meta":
+        return None  # shapes only (a sharded run's rank > 0), as for any weight on the meta device
     if kind is not None:
         recorded = getattr(module, FINGERPRINT_ATTRIBUTE, None)
         return recorded if recorded is not None else weight_fingerprint(kind.weight_matrix(module))

@@ -49,13 +49,18 @@ def import_bitsandbytes():
     return bitsandbytes
 
 
-def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype = torch.float32,
+                   shapes_only: bool = False) -> nn.Module:
     """Replace every nn.Linear but the output heads by its bitsandbytes 4-bit/8-bit twin, in place.
 
     ``mode`` is "nf4" (4-bit NormalFloat, double-quantised statistics, computing in
     ``compute_dtype``) or "int8". Each layer is quantised on its own device, its bias kept, and
     the fingerprint of its full-precision weight recorded so adapters trained on the quantised
     model load onto the original base. Returns ``model``.
+
+    ``shapes_only`` (NF4): the model is on the meta device, and each nn.Linear becomes a 4-bit layer
+    of the shapes bitsandbytes stores, holding no values; a sharded run's rank 0 sends them and
+    the quantisation state later (:mod:`lorakit.train.sharding`).
     """
     if mode not in MODES:
         raise ConfigError(f"quantize mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -67,12 +72,15 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype = tor
     heads = output_head_names(model)
     # Exactly nn.Linear: subclasses (nn.MultiheadAttention's out_proj) are read as plain weights.
     chosen = [name for name, m in model.named_modules()
-              if type(m) is nn.Linear and name not in heads and m.weight.device.type != "meta"]
+              if type(m) is nn.Linear and name not in heads and (m.weight.device.type == "meta") == shapes_only]
+    if shapes_only and mode != "nf4":
+        raise ConfigError("only an NF4 base can be built from shapes alone")
     if mode == "int8":
         _say_cast_notice_once()
     for name in chosen:  # one layer at a time, so the full-precision weights are freed as it goes
         linear = model.get_submodule(name)
-        quantised = _quantize_linear(bnb, linear, mode, compute_dtype)
+        quantised = (_nf4_shapes(bnb, linear, compute_dtype) if shapes_only
+                     else _quantize_linear(bnb, linear, mode, compute_dtype))
         setattr(quantised, FINGERPRINT_ATTRIBUTE, weight_fingerprint(linear.weight))
         setattr(quantised, DTYPE_ATTRIBUTE, linear.weight.dtype)
         _set_module(model, name, quantised)
@@ -99,6 +107,21 @@ def _quantize_linear(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dty
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     layer = layer.to(device)  # quantises here
+    layer.train(linear.training)
+    return layer
+
+
+def _nf4_shapes(bnb, linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """An NF4 layer on the meta device with the shapes :func:`_quantize_linear` gives: two 4-bit
+    codes per byte in a (⌈n/2⌉, 1) uint8 tensor."""
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
+    codes = torch.empty(((linear.in_features * linear.out_features + 1) // 2, 1), dtype=torch.uint8, device="meta")
+    layer.weight = bnb.nn.Params4bit(codes, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                     bnb_quantized=True)
+    layer.support_avx512bf16_for_cpu = False  # as in _quantize_linear
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
     layer.train(linear.training)
     return layer
 

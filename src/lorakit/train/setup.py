@@ -61,7 +61,7 @@ def prepare(config: TrainConfig, shapes_only: bool = False) -> Prepared:
     if config.quantize != "none":
         from lorakit.quantize import quantize_model
 
-        model = quantize_model(model, config.quantize)
+        model = quantize_model(model, config.quantize, shapes_only=shapes_only)
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapted = None

@@ -121,10 +121,9 @@ INITS_WITHOUT_WEIGHTS = ("default", "gaussian")
 
 def rank0_reads_weights(shard: bool, world: int, quantize: str, init: str) -> bool:
     """Whether only rank 0 reads the base: the other ranks build it on the meta device and receive
-    their shards from rank 0 after sharding, so host memory holds one copy, not one per process.
-    Not for an NF4 base (bitsandbytes quantises real weights; each rank quantises its own copy)
-    nor for inits that read W (PiSSA, gradient-SVD)."""
-    return shard and world > 1 and quantize == "none" and init in INITS_WITHOUT_WEIGHTS
+    their shards (and an NF4 base's quantisation state) from rank 0 after sharding, so host memory
+    holds one copy, not one per process. Not for inits that read W (PiSSA, gradient-SVD)."""
+    return shard and world > 1 and quantize in ("none", "nf4") and init in INITS_WITHOUT_WEIGHTS
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -179,6 +178,31 @@ def fill_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor] | None, dev
                 tensor.to_local().copy_(_local_part(sent, tensor))
             else:
                 tensor.copy_(sent)
+    _share_quantisation_state(model, device)
+
+
+def _share_quantisation_state(model: nn.Module, device: torch.device) -> None:
+    """Rank 0's NF4 quantisation state (block scales, code book), layer by layer, to the ranks that
+    built their 4-bit layers from shapes alone (a collective)."""
+    import torch.distributed as dist
+
+    from lorakit.kinds_quantized import DTYPE_ATTRIBUTE
+
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit":
+            continue
+        state = getattr(module, "quant_state", None)
+        sent: list[Any] = [None]
+        if state is not None:
+            values = {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.as_dict().items()}
+            sent = [(values, getattr(module, DTYPE_ATTRIBUTE, None))]
+        dist.broadcast_object_list(sent, src=0)
+        if state is None:
+            from bitsandbytes.functional import QuantState
+
+            values, dtype = sent[0]
+            module.quant_state = QuantState.from_dict(values, device)
+            setattr(module, DTYPE_ATTRIBUTE, dtype)
 
 
 def parameter_bytes(model: nn.Module) -> tuple[int, int]:
