@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.config import AdapterConfig
+from lorakit.config import AdapterConfig, alpha_for, exact_pattern
 from lorakit.errors import ConfigError
 from lorakit.methods import method_class, require_combinable
 from lorakit.methods.base import AdapterMethod
@@ -73,10 +73,10 @@ def combine_adapters(
     scale = _common_scaling(model, names)
     config = AdapterConfig(
         method=output_method, r=max(ranks.values()),
-        alpha=_alpha_for(scale, max(ranks.values()), first.use_rslora), use_rslora=first.use_rslora,
+        alpha=alpha_for(scale, max(ranks.values()), first.use_rslora), use_rslora=first.use_rslora,
         target_modules=tuple(paths),
-        rank_pattern={_exact(p): r for p, r in ranks.items() if r != max(ranks.values())},
-        alpha_pattern={_exact(p): _alpha_for(scale, r, first.use_rslora) for p, r in ranks.items()
+        rank_pattern={exact_pattern(p): r for p, r in ranks.items() if r != max(ranks.values())},
+        alpha_pattern={exact_pattern(p): alpha_for(scale, r, first.use_rslora) for p, r in ranks.items()
                        if r != max(ranks.values())},
     )
     model.add_adapter(new_name, config, activate=False)
@@ -168,12 +168,3 @@ def _common_scaling(model: AdaptedModel, names: list[str]) -> float:
     first = next(iter(model.adapter_modules(names[0]).values()))
     return first.scaling
 
-
-def _alpha_for(scale: float, rank: int, rslora: bool) -> float:
-    return scale * (rank**0.5 if rslora else rank)
-
-
-def _exact(path: str) -> str:
-    import re
-
-    return "^" + re.escape(path)

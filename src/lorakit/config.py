@@ -116,6 +116,16 @@ def scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def alpha_for(scaling: float, r: int, use_rslora: bool) -> float:
+    """The alpha that gives ``scaling`` at rank ``r`` (the inverse of :func:`scaling`)."""
+    return scaling * (math.sqrt(r) if use_rslora else r)
+
+
+def exact_pattern(path: str) -> str:
+    """A rank/alpha pattern key that matches the module ``path`` and no module it is a suffix of."""
+    return "^" + re.escape(path)
+
+
 def match_pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     """PEFT's rule for rank/alpha patterns: the first key that matches a dotted suffix."""
     for key in patterns:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import lorakit
-from lorakit.config import AdapterConfig
+from lorakit.config import AdapterConfig, exact_pattern
 from lorakit.export.factors import (
     DEFAULT_ENERGY,
     ModuleExport,
@@ -39,11 +39,11 @@ from lorakit.export.factors import (
 from lorakit.export.staging import check_destination, staged_folder
 from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_folder, base_model_for
 from lorakit.io.atomic import write_atomically, write_text_atomically
-from lorakit.io.peft_config import _exact_key
+from lorakit.io.peft_config import exact_key
 from lorakit.merge_export import PROBE_TEXTS
 from lorakit.methods import method_class
 from lorakit.model import AdaptedModel
-from lorakit.rank.shrink import OWN_METADATA, _exact, _recorded_name, logit_difference
+from lorakit.rank.shrink import OWN_METADATA, logit_difference, recorded_base_name
 from lorakit.rank.trained import LoadedAdapter, load_base
 from lorakit.train.chat import TEMPLATE_FILE
 
@@ -93,7 +93,7 @@ def export_plain_lora(adapter: str | Path, out: str | Path | None = None, rule: 
                                  check_fingerprint=check_fingerprint)
     modules = plain_factors(model, SOURCE, rule)
     _add_export(model, modules)
-    base_name = _recorded_name(LoadedAdapter(model, file, spec, folder))
+    base_name = recorded_base_name(LoadedAdapter(model, file, spec, folder))
     carried = {k: v for k, v in (file.lorakit or {}).items() if k not in (*OWN_METADATA, "export")}
     summary = _summary(str(adapter), file.config.method, base_name, rule, modules)
     with staged_folder(out) as staging:
@@ -128,7 +128,7 @@ def _add_export(model: AdaptedModel, modules: dict[str, ModuleExport]) -> None:
 def plain_lora_config(source: AdapterConfig, ranks: dict[str, int]) -> AdapterConfig:
     """A plain LoRA on exactly these modules with these ranks and a scaling of 1 on each (alpha = rank)."""
     top = max(ranks.values())
-    smaller = {_exact(p): k for p, k in ranks.items() if k != top}
+    smaller = {exact_pattern(p): k for p, k in ranks.items() if k != top}
     return AdapterConfig(
         method="lora", r=top, alpha=float(top), dropout=source.dropout, use_rslora=False,
         target_modules="|".join(re.escape(p) for p in ranks), modules_to_save=source.modules_to_save,
@@ -141,7 +141,7 @@ def _largest_rank_first(config_path: Path, ranks: dict[str, int]) -> None:
     limit against ``r``, and one that ignores the patterns still computes alpha / r = 1."""
     data = json.loads(config_path.read_text(encoding="utf-8"))
     top, paths = max(ranks.values()), sorted(ranks)
-    pattern = {_exact_key(p, paths): k for p, k in sorted(ranks.items()) if k != top}
+    pattern = {exact_key(p, paths): k for p, k in sorted(ranks.items()) if k != top}
     data.update(r=top, lora_alpha=top, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern))
     write_text_atomically(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lorakit.errors import ConfigError
-from lorakit.io.atomic import _umask
+from lorakit.io.atomic import process_umask
 
 
 def check_destination(out: Path, marker: str, source: Path) -> None:
@@ -41,7 +41,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; an adapter folder is not
+        os.chmod(staging, 0o777 & ~process_umask())  # mkdtemp makes it private; an adapter folder is not
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published

@@ -17,7 +17,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
     try:
         write(tmp)
         # mkstemp creates the file 0600; a saved adapter should get the usual permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~process_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -27,7 +27,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
         raise
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """The process umask (read by setting it, then restoring it at once)."""
     mask = os.umask(0o022)
     os.umask(mask)

@@ -56,7 +56,7 @@ def to_peft_dict(
     def per_module(values: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         """(the most common value, {exact pattern: value} for the modules that differ)."""
         default = _most_common(values.values())
-        return _number(default), {_exact_key(p, target_paths): _number(v)
+        return _number(default), {exact_key(p, target_paths): _number(v)
                                   for p, v in sorted(values.items()) if v != default}
 
     common = {
@@ -124,7 +124,7 @@ def _exact_targets(target_paths: list[str], module_names: Iterable[str]) -> list
     return targets
 
 
-def _exact_key(path: str, target_paths: list[str]) -> str:
+def exact_key(path: str, target_paths: list[str]) -> str:
     """A rank/alpha pattern key that PEFT's (and lorakit's) rule matches to ``path`` alone."""
     rule = rf"(.*\.)?({path})$"
     if any(other != path and re.match(rule, other) for other in target_paths):

@@ -13,7 +13,6 @@ loaded back onto the same base and its logits compared with the original adapter
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.config import AdapterConfig
+from lorakit.config import AdapterConfig, alpha_for, exact_pattern
 from lorakit.errors import ConfigError
 from lorakit.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.rank.spectra import truncated_factors
@@ -79,7 +78,7 @@ def shrink_adapter(loaded: LoadedAdapter, modules: dict[str, TrainedModule], ran
             if NAME in saved.copies:
                 saved.copies[SHRUNK].load_state_dict(saved.copies[NAME].state_dict())
     metadata = {k: v for k, v in (loaded.file.lorakit or {}).items() if k not in OWN_METADATA}
-    lorakit.save_adapter(model, out, name=SHRUNK, base_model_name_or_path=_recorded_name(loaded),
+    lorakit.save_adapter(model, out, name=SHRUNK, base_model_name_or_path=recorded_base_name(loaded),
                          extra_metadata=metadata)
     template = loaded.folder / TEMPLATE_FILE  # chats are read with the template the adapter was trained with
     if template.is_file():
@@ -103,28 +102,19 @@ def _plain_lora_config(original: AdapterConfig, modules: dict[str, TrainedModule
                        ranks: dict[str, int]) -> AdapterConfig:
     """A plain LoRA on the same modules with the new ranks and each module's scaling kept."""
     rslora = original.use_rslora
-    alphas = {p: _alpha(modules[p].scaling, k, rslora) for p, k in ranks.items()}
+    # s = 1 where the method's own scaling is not positive
+    alphas = {p: alpha_for(modules[p].scaling if modules[p].scaling > 0 else 1.0, k, rslora) for p, k in ranks.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return AdapterConfig(
         method="lora", r=r, alpha=alpha, dropout=original.dropout, use_rslora=rslora,
         target_modules=tuple(ranks), modules_to_save=original.modules_to_save,
-        rank_pattern={_exact(p): k for p, k in ranks.items() if k != r},
-        alpha_pattern={_exact(p): a for p, a in alphas.items() if a != alpha},
+        rank_pattern={exact_pattern(p): k for p, k in ranks.items() if k != r},
+        alpha_pattern={exact_pattern(p): a for p, a in alphas.items() if a != alpha},
     )
 
 
-def _alpha(scaling: float, rank: int, rslora: bool) -> float:
-    """The alpha that gives scaling s at rank k (s = 1 where the method's own scaling is not positive)."""
-    s = scaling if scaling > 0 else 1.0
-    return s * (rank**0.5 if rslora else rank)
-
-
-def _exact(path: str) -> str:
-    return "^" + re.escape(path)
-
-
-def _recorded_name(loaded: LoadedAdapter) -> str | None:
+def recorded_base_name(loaded: LoadedAdapter) -> str | None:
     """The base name the original adapter_config.json records (what PEFT users load the base by)."""
     from lorakit.train.models import name_for_files
 
