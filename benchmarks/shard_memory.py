@@ -73,7 +73,7 @@ def main() -> None:
                       "eval_every": 1000, "save_every": 1000, "general_samples": 0, "bf16": "off", "quiet": True,
                       "out": str(Path(folder) / name), "shard": "--shard" in extra,
                       "quantize": "nf4" if "nf4" in extra else "none"}
-            done = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29661", __file__,
+            done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", __file__,
                                    "--child", json.dumps(config)], env={**os.environ, **MALLOC_ENV},
                                   capture_output=True, text=True, check=True)
             for line in done.stdout.splitlines():

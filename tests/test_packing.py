@@ -270,7 +270,7 @@ def test_torchrun_two_ranks_with_pack_match_one_unpacked_process(tmp_path):
     single = tmp_path / "single"
     assert main([*args, "--out", str(single), "--threads", "1"]) == 0
     ddp = tmp_path / "ddp"
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", "29541",
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
                 "-m", "lorakit"]
     subprocess.run([*torchrun, *args, "--pack", "--out", str(ddp)], env=env, check=True, timeout=600)
     got = load_file(ddp / "adapter" / "adapter_model.safetensors")

@@ -98,9 +98,9 @@ def one_process(tmp_path_factory) -> dict[str, Any]:
     return {"args": args, "runs": runs}
 
 
-def torchrun(processes: int, port: int) -> list[str]:
-    return [str(VENV_BIN / "torchrun"), "--nproc-per-node", str(processes), "--master-port", str(port),
-            "-m", "lorakit"]
+def torchrun(processes: int) -> list[str]:
+    """torchrun on a free port (--standalone): runs that follow each other never meet a port still held."""
+    return [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "-m", "lorakit"]
 
 
 def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -112,7 +112,7 @@ def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, one_process):
     ddp = tmp_path / "ddp"
-    subprocess.run([*torchrun(2, 29533), *one_process["args"], "--out", str(ddp)], env=env(), check=True,
+    subprocess.run([*torchrun(2), *one_process["args"], "--out", str(ddp)], env=env(), check=True,
                    timeout=600)
     assert_same_adapter(tensors(ddp), tensors(one_process["runs"]["plain"]))
 
@@ -122,7 +122,7 @@ def test_sharded_two_ranks_match_one_process(tmp_path, one_process, base):
     """FSDP2 (--shard) over gloo: each rank holds half of every weight, base (NF4 too) and adapter."""
     out = tmp_path / "sharded"
     extra = VARIANTS[base]
-    done = subprocess.run([*torchrun(2, 29534), *one_process["args"], *extra, "--shard", "--out", str(out)],
+    done = subprocess.run([*torchrun(2), *one_process["args"], *extra, "--shard", "--out", str(out)],
                           env=env(), check=True, timeout=600, capture_output=True, text=True)
     line = next(t for t in done.stdout.splitlines() if t.startswith("--shard: 2 process(es), each holding 1/2"))
     held, whole = (float(x) for x in re.search(r"([\d.]+) of ([\d.]+) KiB", line.replace(",", "")).groups())
@@ -163,7 +163,7 @@ def test_sharded_run_killed_resumes_sharded_and_on_one_process(tmp_path, one_pro
     with --shard or in one plain process (checkpoints do not depend on the number of processes)."""
     args = one_process["args"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*torchrun(2, 29535), *args, "--shard", "--out", str(killed)], env=env(),
+    proc = subprocess.Popen([*torchrun(2), *args, "--shard", "--out", str(killed)], env=env(),
                             start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -178,7 +178,7 @@ def test_sharded_run_killed_resumes_sharded_and_on_one_process(tmp_path, one_pro
     copy = tmp_path / "copy"
     shutil.copytree(killed, copy)
 
-    subprocess.run([*torchrun(2, 29536), *args, "--shard", "--resume", "--out", str(killed)], env=env(),
+    subprocess.run([*torchrun(2), *args, "--shard", "--resume", "--out", str(killed)], env=env(),
                    check=True, timeout=600)
     assert_same_adapter(tensors(killed), tensors(one_process["runs"]["plain"]))
     done = subprocess.run(lorakit_cmd(*args, "--resume", "--out", str(copy)), env=env(), check=True,

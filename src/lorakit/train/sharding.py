@@ -174,10 +174,7 @@ def fill_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor] | None, dev
             else:
                 sent = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
             dist.broadcast(sent, src=0)
-            if is_sharded(tensor):
-                tensor.to_local().copy_(_local_part(sent, tensor))
-            else:
-                tensor.copy_(sent)
+            copy_full_into(tensor, sent)
     _share_quantisation_state(model, device)
 
 
