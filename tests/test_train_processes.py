@@ -72,8 +72,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     assert metrics == (reference / "metrics.jsonl").read_text().splitlines()
 
 
-# DoRA reads the gathered base weight for its norm; NF4 gathers 4-bit codes beside their scales.
-VARIANTS = {"plain": [], "nf4": ["--quantize", "nf4"], "dora": ["--method", "dora"]}
+# DoRA reads the gathered base weight for its norm; NF4 gathers 4-bit codes beside their scales;
+# checkpointing recomputes each block's forward in backward, gathering it again.
+VARIANTS = {"plain": [], "nf4": ["--quantize", "nf4"], "dora": ["--method", "dora"],
+            "checkpointing": ["--gradient-checkpointing"]}
 
 
 @pytest.fixture(scope="module")
